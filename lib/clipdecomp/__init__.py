@@ -1,0 +1,16 @@
+"""clipdecomp: CLIP's image representation as a sum of direct contributions of layers, heads and patches.
+
+A companion library to the executable book reproducing Gandelsman, Efros & Steinhardt,
+"Interpreting CLIP's Image Representation via Text-Based Decomposition" (ICLR 2024).
+
+    >>> import clipdecomp
+    >>> bundle = clipdecomp.load("toy")
+    >>> parts = clipdecomp.decompose(bundle, images)   # images: bundle.preprocess'ed [B, 3, H, W]
+    >>> parts.total()                                  # == normalised bundle.encode_image(images)
+"""
+from .decomposition import Decomposition, decompose, vision_tower
+from .loading import ClipBundle, WeightsUnavailableError, load
+
+__version__ = "0.1.0"
+
+__all__ = ["ClipBundle", "Decomposition", "WeightsUnavailableError", "decompose", "load", "vision_tower"]

@@ -1,0 +1,289 @@
+"""Exact decomposition of a CLIP ViT image embedding into direct contributions.
+
+The image embedding is ``y = ln_post(r) @ proj`` with the CLS residual stream
+``r = z0 + sum_l a_l + sum_l m_l`` (``z0``: CLS token after ``ln_pre``; ``a_l``/``m_l``: attention and
+MLP outputs of block ``l`` at the CLS position). Freezing the final LayerNorm's per-image mean ``mu``
+and scale ``sigma`` makes ``y`` linear in the pieces: a piece ``x_k`` with share ``s_k`` maps to
+
+    y_k = (gamma * (x_k - s_k * mu) / sigma + s_k * beta) @ proj,        sum_k s_k = 1,
+
+so the ``y_k`` sum to ``y`` exactly. Shares follow the paper's authors: each of the ``2L + 1``
+layer-level pieces (embedding, ``L`` attention layers, ``L`` MLPs) gets ``1 / (2L + 1)``; an attention
+layer's share is split equally over its ``H`` heads, or over its ``N * H`` (token, head) pairs in the
+spatial decomposition. A head's term is ``sum_i alpha_i W_O^h (W_V^h u_i + b_V^h) + b_O / H``: the value
+bias follows the attention weights, the output bias is split equally (over ``N * H`` when spatial).
+Every term is finally divided by ``||y||`` so the parts sum to the L2-normalised embedding.
+
+The network runs unmodified (``model.encode_image``); forward hooks read the inputs of each block,
+and only the CLS query row of attention is recomputed from the block's own parameters.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Literal, Sequence
+
+import torch
+import torch.nn as nn
+from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
+
+from .loading import ClipBundle
+
+__all__ = ["Decomposition", "decompose", "vision_tower", "Granularity"]
+
+Granularity = Literal["layer", "head", "patch"]
+
+SUPPORTED = ("open_clip CLIP models whose image tower is a VisionTransformer with CLS-token pooling "
+             "(pool_type='tok', no attentional pooler) built from standard ResidualAttentionBlocks "
+             "with nn.MultiheadAttention, e.g. ViT-B-32, ViT-B-16, ViT-L-14, ViT-H-14 and the toy model")
+
+
+@dataclass
+class Decomposition:
+    """Direct contributions to the normalised image embedding of a batch (all fp32).
+
+    Attributes:
+        embedding: [B, d'] the CLS token after ``ln_pre`` (the paper counts it with the MLPs).
+        attns: [B, L, d'] each attention layer's whole contribution.
+        mlps: [B, L, d'] each MLP's contribution.
+        heads: [B, L', H, d'] per-head contributions of the layers in ``head_layers``;
+            with ``spatial=True`` [B, L', N, H, d'] over the N key tokens (CLS first).
+        cls_to_cls: [B, L, H, d'] the CLS-attends-to-CLS part of every head (token 0 of the spatial
+            decomposition, with its ``1/(N H)`` share), for the paper's CLS ablation.
+        norm: [B] ``||y||`` before normalisation.
+        head_layers: which layers ``heads`` covers.
+        grid_size: the patch grid (rows, columns); ``N = rows * columns + 1``.
+    """
+
+    embedding: torch.Tensor
+    attns: torch.Tensor
+    mlps: torch.Tensor
+    heads: torch.Tensor
+    cls_to_cls: torch.Tensor
+    norm: torch.Tensor
+    head_layers: tuple[int, ...]
+    grid_size: tuple[int, int]
+    spatial: bool
+
+    @property
+    def n_layers(self) -> int:
+        return self.attns.shape[1]
+
+    @property
+    def n_heads(self) -> int:
+        return self.heads.shape[-2]
+
+    def total(self) -> torch.Tensor:
+        """[B, d'] sum of every part: the L2-normalised image embedding."""
+        return self.embedding + self.attns.sum(1) + self.mlps.sum(1)
+
+    def head_terms(self) -> torch.Tensor:
+        """[B, L', H, d'] per-head terms, summed over tokens when the decomposition is spatial."""
+        return self.heads.sum(2) if self.spatial else self.heads
+
+    def stack(self, granularity: Granularity = "head") -> tuple[torch.Tensor, list[str]]:
+        """Stack the parts at a granularity into [B, C, d'] with C matching labels; parts sum to ``total()``.
+
+        ``"layer"``: embed, attn_l, mlp_l. ``"head"``: attention layers in ``head_layers`` split into
+        ``L{l}H{h}``. ``"patch"`` (spatial only): those heads further split into ``L{l}H{h}T{i}``
+        (token ``i``; 0 is CLS).
+        """
+        if granularity == "patch" and not self.spatial:
+            raise ValueError("granularity='patch' needs a spatial decomposition: decompose(..., spatial=True).")
+        if granularity not in ("layer", "head", "patch"):
+            raise ValueError(f"granularity must be 'layer', 'head' or 'patch', got {granularity!r}.")
+        parts, labels = [self.embedding[:, None]], ["embed"]
+        for layer in range(self.n_layers):
+            if granularity == "layer" or layer not in self.head_layers:
+                parts.append(self.attns[:, layer, None])
+                labels.append(f"attn_{layer}")
+            else:
+                terms = self.heads[:, self.head_layers.index(layer)]
+                if granularity == "head" and self.spatial:
+                    terms = terms.sum(1)
+                n_tokens = terms.shape[1] if granularity == "patch" else 0
+                parts.append(terms.flatten(1, -2))
+                labels += ([f"L{layer}H{h}T{i}" for i in range(n_tokens) for h in range(self.n_heads)]
+                           if granularity == "patch" else [f"L{layer}H{h}" for h in range(self.n_heads)])
+            parts.append(self.mlps[:, layer, None])
+            labels.append(f"mlp_{layer}")
+        return torch.cat(parts, dim=1), labels
+
+    def __getitem__(self, label: str) -> torch.Tensor:
+        """One part by label ("embed", "attn_3", "mlp_3", "L3H1"): [B, d'] ([B, N, d'] for a spatial head)."""
+        if label == "embed":
+            return self.embedding
+        kind, _, index = label.partition("_")
+        if kind in ("attn", "mlp") and index.isdigit():
+            return (self.attns if kind == "attn" else self.mlps)[:, int(index)]
+        if label.startswith("L") and "H" in label:
+            layer, head = (int(x) for x in label[1:].split("H"))
+            if layer not in self.head_layers:
+                raise KeyError(f"{label}: layer {layer} has no head detail (head_layers={self.head_layers}).")
+            return self.heads[:, self.head_layers.index(layer), ..., head, :]
+        raise KeyError(f"Unknown part label {label!r}; labels look like 'embed', 'attn_3', 'mlp_3', 'L3H1'.")
+
+
+def vision_tower(model: nn.Module | ClipBundle) -> VisionTransformer:
+    """The supported ViT image tower of ``model``, or a NotImplementedError naming what is supported."""
+    clip = model.model if isinstance(model, ClipBundle) else model
+    visual = getattr(clip, "visual", None)
+    if not isinstance(visual, VisionTransformer):
+        raise NotImplementedError(f"Image tower {type(visual).__name__} is not supported; supported: {SUPPORTED}.")
+    if visual.attn_pool is not None or visual.pool_type != "tok":
+        raise NotImplementedError(
+            f"Pooling {'attentional pool' if visual.attn_pool is not None else repr(visual.pool_type)} is not "
+            f"supported; supported: {SUPPORTED}.")
+    for block in visual.transformer.resblocks:
+        if type(block) is not ResidualAttentionBlock or not isinstance(block.attn, nn.MultiheadAttention):
+            raise NotImplementedError(f"Block type {type(block).__name__} is not supported; supported: {SUPPORTED}.")
+    if visual.proj is None:
+        raise NotImplementedError(f"Image towers without a final projection are not supported; supported: {SUPPORTED}.")
+    return visual
+
+
+def _check_images(images: torch.Tensor, visual: VisionTransformer) -> None:
+    if not isinstance(images, torch.Tensor):
+        raise TypeError(f"images must be a torch.Tensor [B, 3, H, W] from the model's preprocess, got {type(images).__name__}.")
+    size = tuple(visual.image_size)
+    if images.ndim != 4 or images.shape[1] != 3 or tuple(images.shape[2:]) != size:
+        raise ValueError(f"images must have shape [B, 3, {size[0]}, {size[1]}] (preprocessed, RGB), got "
+                         f"{list(images.shape)}. Apply the bundle's preprocess to each image and torch.stack them.")
+    if not images.is_floating_point():
+        raise TypeError(f"images must be a float tensor (normalised by preprocess), got {images.dtype}; "
+                        "uint8 pixels must go through the model's preprocess first.")
+    if not torch.isfinite(images).all():
+        raise ValueError("images contain NaN or Inf values; check the image files and preprocessing.")
+
+
+def _check_layers(layers: Iterable[int] | None, n_layers: int) -> tuple[int, ...]:
+    if layers is None:
+        return tuple(range(n_layers))
+    chosen = tuple(sorted({int(l) % n_layers if -n_layers <= int(l) < 0 else int(l) for l in layers}))
+    bad = [l for l in chosen if not 0 <= l < n_layers]
+    if bad:
+        raise IndexError(f"layers {bad} out of range: the model has {n_layers} layers (0..{n_layers - 1}).")
+    return chosen
+
+
+@torch.no_grad()
+def decompose(model: nn.Module | ClipBundle, images: torch.Tensor, spatial: bool = False,
+              layers: Sequence[int] | None = None) -> Decomposition:
+    """Decompose the normalised image embeddings of a preprocessed batch into direct contributions.
+
+    Args:
+        model: an open_clip CLIP (or the bundle returned by :func:`clipdecomp.load`), any dtype.
+        images: [B, 3, H, W] preprocessed images.
+        spatial: also split each head over the key tokens (CLS first) -> ``heads`` [B, L', N, H, d'].
+        layers: layers that get per-head (and per-token) detail; others are kept per layer only.
+            Negative indices count from the end (``layers=range(-4, 0)``: the last four).
+
+    Example:
+        >>> bundle = clipdecomp.load("toy")
+        >>> parts = decompose(bundle, images)
+        >>> torch.allclose(parts.total(), bundle.encode_image(images), atol=1e-5)
+        True
+    """
+    clip = model.model if isinstance(model, ClipBundle) else model
+    visual = vision_tower(clip)
+    _check_images(images, visual)
+    blocks = list(visual.transformer.resblocks)
+    n_layers, width = len(blocks), visual.ln_post.normalized_shape[0]
+    head_layers = _check_layers(layers, n_layers)
+    share = 1.0 / (2 * n_layers + 1)
+
+    f32 = dict(dtype=torch.float32, device=images.device)
+    proj = visual.proj.to(**f32)
+    gamma = visual.ln_post.weight.to(**f32) if visual.ln_post.weight is not None else torch.ones(width, **f32)
+    beta = visual.ln_post.bias.to(**f32) if visual.ln_post.bias is not None else torch.zeros(width, **f32)
+    gamma_proj = gamma[:, None] * proj  # [W, d']: the LayerNorm's scale folded into the projection
+    readers = [_HeadReader(block, gamma_proj, spatial and i in head_layers, i in head_layers) for i, block in enumerate(blocks)]
+
+    captured: dict[str, torch.Tensor] = {}
+    hooks = [visual.ln_pre.register_forward_hook(lambda m, i, o: captured.__setitem__("embed", o[:, 0].float())),
+             visual.ln_post.register_forward_hook(lambda m, i, o: captured.__setitem__("resid", i[0].float()))]
+    for i, (block, reader) in enumerate(zip(blocks, readers)):
+        hooks += [block.ln_1.register_forward_hook(lambda m, inp, out, r=reader: r.read(out)),
+                  block.ls_1.register_forward_hook(lambda m, inp, out, i=i: captured.__setitem__(f"attn{i}", out[:, 0].float())),
+                  block.ls_2.register_forward_hook(lambda m, inp, out, i=i: captured.__setitem__(f"mlp{i}", out[:, 0].float()))]
+    try:
+        y = clip.encode_image(images.to(visual.conv1.weight.dtype)).float()
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+    resid = captured["resid"]
+    resid = resid[:, 0] if resid.ndim == 3 else resid  # final_ln_after_pool models see the pooled token
+    mu = resid.mean(-1)
+    sigma = torch.sqrt(resid.var(-1, unbiased=False) + visual.ln_post.eps)
+    offset = (beta @ proj)[None] - (mu / sigma)[:, None] * (gamma @ proj)[None]  # [B, d'] per unit of share
+    norm = y.norm(dim=-1)
+
+    def finish(raw: torch.Tensor, piece_share: float) -> torch.Tensor:
+        """Raw ``x @ (gamma * proj)`` -> normalised term: divide by sigma, add the share, divide by ||y||."""
+        shape = (-1,) + (1,) * (raw.ndim - 2) + (raw.shape[-1],)
+        scale = (1.0 / sigma).view(-1, *([1] * (raw.ndim - 1)))
+        return (raw * scale + piece_share * offset.view(shape)) / norm.view(-1, *([1] * (raw.ndim - 1)))
+
+    n_tokens = readers[0].n_tokens
+    n_heads = blocks[0].attn.num_heads
+    attns = torch.stack([finish(captured[f"attn{i}"] @ gamma_proj, share) for i in range(n_layers)], 1)
+    mlps = torch.stack([finish(captured[f"mlp{i}"] @ gamma_proj, share) for i in range(n_layers)], 1)
+    cls_to_cls = torch.stack([finish(r.cls_raw, share / (n_tokens * n_heads)) for r in readers], 1)
+    head_share = share / (n_tokens * n_heads) if spatial else share / n_heads
+    heads = [finish(readers[i].head_raw, head_share) for i in head_layers]
+    if heads:
+        heads_tensor = torch.stack(heads, 1)
+    else:
+        heads_tensor = attns.new_zeros((images.shape[0], 0) + ((n_tokens,) if spatial else ()) + (n_heads, attns.shape[-1]))
+    return Decomposition(
+        embedding=finish(captured["embed"] @ gamma_proj, share), attns=attns, mlps=mlps, heads=heads_tensor,
+        cls_to_cls=cls_to_cls, norm=norm, head_layers=head_layers, grid_size=tuple(visual.grid_size),
+        spatial=spatial)
+
+
+class _HeadReader:
+    """Recomputes one block's CLS attention row from ``ln_1``'s output and forms per-head raw terms.
+
+    "Raw" terms are ``x @ (gamma * proj)`` before the frozen-LayerNorm scaling done in :func:`decompose`.
+    """
+
+    def __init__(self, block: ResidualAttentionBlock, gamma_proj: torch.Tensor, spatial: bool, detail: bool):
+        attn = block.attn
+        f32 = dict(dtype=torch.float32, device=gamma_proj.device)
+        width, self.n_heads = attn.embed_dim, attn.num_heads
+        self.head_dim = width // self.n_heads
+        self.w_q, self.w_k, self.w_v = attn.in_proj_weight.to(**f32).chunk(3)
+        self.b_q, self.b_k, self.b_v = attn.in_proj_bias.to(**f32).chunk(3)
+        layer_scale = block.ls_1(torch.ones(width, dtype=block.attn.out_proj.weight.dtype,
+                                            device=gamma_proj.device)).to(**f32)
+        out_weight = attn.out_proj.weight.to(**f32)  # [W_out, H * Dh]
+        # out_map[h] = (W_O^h)^T * layer_scale @ (gamma * proj): [H, Dh, d'] maps a head's value to output space
+        self.out_map = (out_weight.T * layer_scale[None]).view(self.n_heads, self.head_dim, width) @ gamma_proj
+        bias = attn.out_proj.bias.to(**f32) if attn.out_proj.bias is not None else torch.zeros(width, **f32)
+        self.bias_raw = (bias * layer_scale) @ gamma_proj  # [d'] the whole output bias of the layer
+        self.spatial, self.detail = spatial, detail
+        self.n_tokens = 0
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        return x.view(*x.shape[:-1], self.n_heads, self.head_dim)
+
+    def read(self, u: torch.Tensor) -> None:
+        u = u.float()  # [B, N, W] = ln_1(x): the attention input
+        self.n_tokens = n = u.shape[1]
+        query = self._heads(u[:, 0] @ self.w_q.T + self.b_q)                      # [B, H, Dh]
+        keys = self._heads(u @ self.w_k.T + self.b_k)                             # [B, N, H, Dh]
+        alpha = torch.einsum("bhd,bnhd->bhn", query, keys).mul(self.head_dim ** -0.5).softmax(-1)
+        bias_share = self.bias_raw / (n * self.n_heads)
+        cls_value = self._heads(u[:, 0] @ self.w_v.T + self.b_v)                  # [B, H, Dh]
+        self.cls_raw = torch.einsum("bh,bhd,hde->bhe", alpha[..., 0], cls_value, self.out_map) + bias_share
+        if not self.detail:
+            return
+        if self.spatial:
+            values = self._heads(u @ self.w_v.T + self.b_v)                       # [B, N, H, Dh]
+            mapped = torch.einsum("bnhd,hde->bnhe", values, self.out_map)
+            self.head_raw = mapped * alpha.transpose(1, 2)[..., None] + bias_share
+        else:
+            mixed = torch.einsum("bhn,bnw->bhw", alpha, u)                         # attention-weighted inputs
+            values = torch.einsum("bhw,hdw->bhd", mixed, self.w_v.view(self.n_heads, self.head_dim, -1))
+            values = values + self.b_v.view(self.n_heads, self.head_dim)          # sum(alpha) = 1 carries b_V
+            self.head_raw = torch.einsum("bhd,hde->bhe", values, self.out_map) + self.bias_raw / self.n_heads

@@ -1,0 +1,234 @@
+"""Load an open_clip CLIP model, its preprocessing and its tokenizer from one short spec string.
+
+Spec forms accepted by :func:`load`:
+
+``"toy"``
+    The embedded default: a small CLIP trained from scratch on the toy world, shipped in ``data/toy``.
+``"ViT-B-16"``
+    An open_clip architecture with random weights (for tests and shape checks).
+``"ViT-B-16/laion2b_s34b_b88k"``
+    An open_clip pretrained tag. open_clip downloads the weights on the reader's machine; offline, the
+    call fails within seconds with instructions instead of retrying for a minute.
+``"/path/to/folder"``
+    A folder in open_clip's ``local-dir`` layout (``open_clip_config.json`` + weights).
+``"ViT-B-16/path/to/weights.safetensors"`` or ``load("ViT-B-16", checkpoint=path)``
+    An architecture plus a local checkpoint file (safetensors, or a torch file read with
+    ``weights_only=True``: arbitrary pickles are refused).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+from urllib.parse import urlparse
+
+import open_clip
+import torch
+import torch.nn.functional as F
+
+__all__ = ["ClipBundle", "load", "toy_model_dir", "WeightsUnavailableError", "file_sha256"]
+
+HOW_TO_GET_WEIGHTS = (
+    "Pretrained CLIP weights are downloaded by open_clip from the Hugging Face Hub, which this machine "
+    "cannot reach. Either run this notebook where the internet is available (e.g. Google Colab: use the "
+    "'Open in Colab' badge), or download the checkpoint elsewhere and pass its local path, e.g. "
+    "load('{arch}', checkpoint='/path/to/open_clip_model.safetensors'), or use the offline default "
+    "load('toy')."
+)
+
+
+class WeightsUnavailableError(RuntimeError):
+    """Raised when pretrained weights are neither cached locally nor downloadable."""
+
+
+@dataclass
+class ClipBundle:
+    """An open_clip CLIP in eval mode with everything needed to feed it.
+
+    Attributes:
+        model: the unmodified ``open_clip.model.CLIP``.
+        preprocess: PIL image -> normalised [3, H, W] tensor (open_clip's eval transform).
+        tokenizer: list of strings -> token ids.
+        spec: the spec string the bundle was loaded from (recorded in caches and status pages).
+        weights_sha256: sha256 of the weights file, or ``None`` for random initialisation.
+    """
+
+    model: torch.nn.Module
+    preprocess: Callable
+    tokenizer: Callable
+    spec: str
+    weights_sha256: str | None = None
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @torch.no_grad()
+    def encode_text(self, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
+        """Embed ``texts`` with the text tower; returns L2-normalised [n, d'] fp32 rows."""
+        if isinstance(texts, str):
+            raise TypeError("encode_text expects a list of strings, not a single string: wrap it in a list.")
+        if len(texts) == 0:
+            raise ValueError("encode_text got an empty list of texts.")
+        chunks = []
+        for start in range(0, len(texts), batch_size):
+            tokens = self.tokenizer(list(texts[start:start + batch_size])).to(self.device)
+            chunks.append(self.model.encode_text(tokens).float())
+        return F.normalize(torch.cat(chunks), dim=-1)
+
+    @torch.no_grad()
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """Embed a preprocessed [B, 3, H, W] batch; returns L2-normalised [B, d'] fp32 rows."""
+        return F.normalize(self.model.encode_image(images.to(self.device)).float(), dim=-1)
+
+
+def toy_model_dir() -> Path:
+    """Folder holding the toy model (``$CLIPDECOMP_DATA/toy`` or the repository's ``data/toy``)."""
+    root = os.environ.get("CLIPDECOMP_DATA")
+    base = Path(root) if root else Path(__file__).resolve().parents[2] / "data"
+    return base / "toy"
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def load(spec: str, device: str | torch.device = "cpu", *, checkpoint: str | Path | None = None,
+         precision: str = "fp32", cache_dir: str | None = None) -> ClipBundle:
+    """Load a CLIP model from a spec string (see the module docstring for the forms).
+
+    Example:
+        >>> bundle = load("ViT-B-32")               # random init, offline
+        >>> bundle.encode_text(["a photo of a cat"]).shape
+        torch.Size([1, 512])
+    """
+    device = torch.device(device)
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(f"Model spec must be a non-empty string such as 'toy' or 'ViT-B-16', got {spec!r}.")
+    spec = spec.strip()
+    if spec == "toy":
+        folder = toy_model_dir()
+        if not (folder / "open_clip_config.json").is_file():
+            raise FileNotFoundError(
+                f"The toy model is missing from {folder}. It ships with the repository: clone it "
+                "(git clone ...) and install with `pip install -e .`, or set CLIPDECOMP_DATA to the "
+                "repository's data/ folder.")
+        return _from_local_dir(folder, spec, device, precision)
+    if checkpoint is None and Path(spec).expanduser().is_dir():
+        return _from_local_dir(Path(spec).expanduser(), spec, device, precision)
+
+    arch, _, tag = spec.partition("/")
+    if arch not in open_clip.list_models():
+        raise ValueError(
+            f"Unknown model spec {spec!r}: {arch!r} is not an open_clip architecture. Use 'toy', an "
+            f"architecture such as 'ViT-B-16', 'ARCH/PRETRAINED_TAG' (see open_clip.list_pretrained()), "
+            "a folder in open_clip's local-dir layout, or pass checkpoint=PATH.")
+    if checkpoint is None and tag and Path(tag).expanduser().is_file():
+        checkpoint = Path(tag).expanduser()
+    if checkpoint is not None:
+        return _from_checkpoint(arch, Path(checkpoint), spec, device, precision, quick_gelu=False)
+    if not tag:
+        model, _, preprocess = open_clip.create_model_and_transforms(arch, device=device, precision=precision)
+        return _bundle(model, preprocess, open_clip.get_tokenizer(arch), spec, None, device)
+    return _from_pretrained_tag(arch, tag, spec, device, precision, cache_dir)
+
+
+def _bundle(model, preprocess, tokenizer, spec, sha, device) -> ClipBundle:
+    model.eval()
+    return ClipBundle(model=model, preprocess=preprocess, tokenizer=tokenizer, spec=spec,
+                      weights_sha256=sha, device=device)
+
+
+def _from_local_dir(folder: Path, spec: str, device, precision) -> ClipBundle:
+    weights = [p for p in (folder / "open_clip_model.safetensors", folder / "open_clip_pytorch_model.bin")
+               if p.is_file()]
+    if not weights:
+        raise FileNotFoundError(f"No weights (open_clip_model.safetensors) found in {folder}.")
+    name = f"local-dir:{folder}"
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(name, device=device, precision=precision)
+    except Exception as error:  # open_clip raises several types for bad files; one clear message here
+        raise ValueError(f"Could not load the model in {folder}: {error}. The weights file may be "
+                         "truncated or corrupt: restore it (e.g. `git checkout -- data/`).") from error
+    return _bundle(model, preprocess, open_clip.get_tokenizer(name), spec, file_sha256(weights[0]), device)
+
+
+def _from_checkpoint(arch: str, path: Path, spec: str, device, precision, quick_gelu: bool,
+                     mean=None, std=None) -> ClipBundle:
+    if not path.is_file():
+        raise FileNotFoundError(f"Checkpoint {path} does not exist.")
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            arch, pretrained=str(path), device=device, precision=precision, force_quick_gelu=quick_gelu,
+            image_mean=mean, image_std=std, weights_only=True)
+    except Exception as error:
+        raise ValueError(
+            f"Could not load checkpoint {path} into {arch}: {error}. Checkpoints are read safely "
+            "(safetensors, or torch.load with weights_only=True, which refuses arbitrary pickled "
+            "objects); the file may be truncated, corrupt, for another architecture, or an untrusted "
+            "pickle. Re-download it or convert it to safetensors.") from error
+    return _bundle(model, preprocess, open_clip.get_tokenizer(arch), spec, file_sha256(path), device)
+
+
+def _from_pretrained_tag(arch, tag, spec, device, precision, cache_dir) -> ClipBundle:
+    cfg = open_clip.get_pretrained_cfg(arch, tag)
+    if not cfg:
+        raise ValueError(f"Unknown pretrained tag {tag!r} for {arch}. Known tags: "
+                         f"{open_clip.list_pretrained_tags_by_model(arch)}.")
+    path = _cached_weights(cfg, cache_dir)
+    if path is None:
+        host = _weights_host(cfg)
+        if not _reachable(host):
+            raise WeightsUnavailableError(
+                f"Weights for {spec} are not cached and {host} is unreachable. "
+                + HOW_TO_GET_WEIGHTS.format(arch=arch))
+        path = Path(open_clip.download_pretrained(cfg, cache_dir=cache_dir))
+    return _from_checkpoint(arch, path, spec, device, precision, quick_gelu=bool(cfg.get("quick_gelu")),
+                            mean=cfg.get("mean"), std=cfg.get("std"))
+
+
+def _cached_weights(cfg: dict, cache_dir: str | None) -> Path | None:
+    """Path of already-downloaded weights for a pretrained config, or None."""
+    hub = cfg.get("hf_hub", "")
+    if hub:
+        from huggingface_hub import try_to_load_from_cache
+
+        repo_id, filename = os.path.split(hub)  # "org/repo/" -> ("org/repo", ""): default file names
+        names = [filename] if filename else ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
+        for name in names:
+            found = try_to_load_from_cache(repo_id, name, cache_dir=cache_dir)
+            if isinstance(found, str) and Path(found).is_file():
+                return Path(found)
+        return None
+    url = cfg.get("url", "")
+    if url:
+        candidate = Path(cache_dir or Path.home() / ".cache" / "clip") / os.path.basename(urlparse(url).path)
+        return candidate if candidate.is_file() else None
+    return None
+
+
+def _weights_host(cfg: dict) -> str:
+    return "huggingface.co" if cfg.get("hf_hub") else (urlparse(cfg.get("url", "")).hostname or "huggingface.co")
+
+
+def _reachable(host: str, timeout: float = 3.0) -> bool:
+    """Whether a TCP connection to host:443 opens within ``timeout`` seconds (DNS included)."""
+    result: list[bool] = []
+
+    def probe() -> None:
+        try:
+            socket.create_connection((host, 443), timeout=timeout).close()
+            result.append(True)
+        except OSError:
+            result.append(False)
+
+    worker = threading.Thread(target=probe, daemon=True)
+    worker.start()
+    worker.join(timeout)
+    return bool(result and result[0])

@@ -1,0 +1,28 @@
+"""Shared fixtures: small random-init models built once per test session."""
+from __future__ import annotations
+
+import open_clip
+import pytest
+import torch
+
+import clipdecomp
+
+
+def tiny_clip(**vision_overrides) -> torch.nn.Module:
+    """A tiny open_clip CLIP (3 layers, 4 heads, 32 px) with optional vision-config overrides."""
+    vision = dict(image_size=32, patch_size=8, width=64, layers=3, head_width=16)
+    vision.update(vision_overrides)
+    text = dict(context_length=16, vocab_size=49408, width=32, heads=2, layers=1)
+    torch.manual_seed(0)
+    return open_clip.model.CLIP(embed_dim=24, vision_cfg=vision, text_cfg=text).eval()
+
+
+@pytest.fixture(scope="session")
+def vit_b32() -> clipdecomp.ClipBundle:
+    torch.manual_seed(0)
+    return clipdecomp.load("ViT-B-32")
+
+
+@pytest.fixture(scope="session")
+def images224() -> torch.Tensor:
+    return torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(1))
