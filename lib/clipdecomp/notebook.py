@@ -1,0 +1,51 @@
+"""Helpers shared by every chapter's standard setup cell: seeding, device choice, versions, images."""
+from __future__ import annotations
+
+import platform
+import random
+
+import numpy as np
+import torch
+from PIL import Image
+
+__all__ = ["setup", "pick_device", "sample_photo", "to_batch"]
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    """``"auto"`` -> CUDA if available, else CPU; anything else is passed to ``torch.device``."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def setup(seed: int = 0) -> None:
+    """Seed Python, NumPy and torch, use a consistent plot style, and print the versions in use."""
+    import matplotlib.pyplot as plt
+    import open_clip
+    import seaborn as sns
+
+    import clipdecomp
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    sns.set_theme(context="notebook", style="whitegrid")
+    plt.rcParams.update({"figure.dpi": 100, "savefig.bbox": "tight", "figure.facecolor": "white"})
+    accelerator = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "CPU"
+    print(f"clipdecomp {clipdecomp.__version__} | torch {torch.__version__} | open_clip {open_clip.__version__} "
+          f"| python {platform.python_version()} | {accelerator}")
+
+
+def sample_photo(name: str = "astronaut") -> Image.Image:
+    """A real photo shipped inside scikit-image (``astronaut``, ``chelsea``, ``coffee``, ``rocket``...)."""
+    from skimage import data
+
+    if not hasattr(data, name):
+        raise ValueError(f"scikit-image has no sample image {name!r}; try 'astronaut', 'chelsea' or 'coffee'.")
+    return Image.fromarray(getattr(data, name)()).convert("RGB")
+
+
+def to_batch(bundle, images: list[Image.Image] | Image.Image) -> torch.Tensor:
+    """Preprocess PIL images with the bundle's transform into a [B, 3, H, W] tensor on its device."""
+    images = [images] if isinstance(images, Image.Image) else images
+    return torch.stack([bundle.preprocess(image) for image in images]).to(bundle.device)
