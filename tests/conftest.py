@@ -1,5 +1,7 @@
-"""Shared fixtures: small random-init models built once per test session."""
+"""Shared fixtures: small random-init models built once per test session, and the built book."""
 from __future__ import annotations
+
+from pathlib import Path
 
 import open_clip
 import pytest
@@ -26,3 +28,13 @@ def vit_b32() -> clipdecomp.ClipBundle:
 @pytest.fixture(scope="session")
 def images224() -> torch.Tensor:
     return torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope="session")
+def built_book(tmp_path_factory) -> tuple[Path, Path, list]:
+    """Execute every chapter under the ci profile and build the site once: (staging, html, runs)."""
+    from clipdecomp.book import build_site, execute_notebooks
+
+    root = tmp_path_factory.mktemp("book")
+    runs = execute_notebooks("ci", staging=root / "src")
+    return root / "src", build_site(staging=root / "src", output=root), runs

@@ -19,7 +19,7 @@ and only the CLS query row of attention is recomputed from the block's own param
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from typing import Iterable, Literal, Sequence
 
 import torch
@@ -28,7 +28,7 @@ from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
 
 from .loading import ClipBundle
 
-__all__ = ["Decomposition", "decompose", "vision_tower", "Granularity"]
+__all__ = ["Decomposition", "decompose", "decompose_batches", "vision_tower", "Granularity"]
 
 Granularity = Literal["layer", "head", "patch"]
 
@@ -71,6 +71,14 @@ class Decomposition:
     @property
     def n_heads(self) -> int:
         return self.heads.shape[-2]
+
+    @staticmethod
+    def cat(parts: Sequence["Decomposition"]) -> "Decomposition":
+        """Concatenate decompositions of several batches (same model and options) along the batch axis."""
+        first = parts[0]
+        tensors = {f.name: torch.cat([getattr(p, f.name) for p in parts])
+                   for f in fields(first) if isinstance(getattr(first, f.name), torch.Tensor)}
+        return replace(first, **tensors)
 
     def total(self) -> torch.Tensor:
         """[B, d'] sum of every part: the L2-normalised image embedding."""
@@ -239,6 +247,24 @@ def decompose(model: nn.Module | ClipBundle, images: torch.Tensor, spatial: bool
         embedding=finish(captured["embed"] @ gamma_proj, share), attns=attns, mlps=mlps, heads=heads_tensor,
         cls_to_cls=cls_to_cls, norm=norm, head_layers=head_layers, grid_size=tuple(visual.grid_size),
         spatial=spatial)
+
+
+def decompose_batches(model: nn.Module | ClipBundle, images: torch.Tensor, batch_size: int = 64,
+                      spatial: bool = False, layers: Sequence[int] | None = None,
+                      progress: bool = True) -> Decomposition:
+    """:func:`decompose` a large [n, 3, H, W] tensor in batches (with a progress bar), results on the CPU."""
+    from tqdm.auto import tqdm
+
+    device = model.device if isinstance(model, ClipBundle) else next(model.parameters()).device
+    chunks = images.split(batch_size)
+    parts = [_to_cpu(decompose(model, chunk.to(device), spatial=spatial, layers=layers))
+             for chunk in tqdm(chunks, desc="decompose", disable=not progress or len(chunks) < 2)]
+    return Decomposition.cat(parts)
+
+
+def _to_cpu(parts: Decomposition) -> Decomposition:
+    return replace(parts, **{f.name: getattr(parts, f.name).cpu() for f in fields(parts)
+                             if isinstance(getattr(parts, f.name), torch.Tensor)})
 
 
 class _HeadReader:

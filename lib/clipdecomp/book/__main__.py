@@ -12,9 +12,8 @@ def main() -> None:
     parser.add_argument("--profile", default="cpu", choices=sorted(PROFILES))
     parser.add_argument("--only", nargs="*", help="substrings of notebook names to execute")
     args = parser.parse_args()
-    timings = execute_notebooks(args.profile, only=args.only)
-    for name, seconds in timings.items():
-        print(f"{name}: {seconds:.1f} s")
+    for run in execute_notebooks(args.profile, only=args.only):
+        print(f"{run.entry}: {run.seconds:.1f} s")
     if args.action == "build":
         print(f"site built in {build_site()}")
 

@@ -1,23 +1,40 @@
-"""The book runner: papermill execution in ``_toc.yml`` order, then a strict jupyter-book build."""
+"""The book runner: papermill execution in ``_toc.yml`` order, a status page, then a strict build."""
 from __future__ import annotations
 
 import os
+import platform
 import shutil
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from importlib.metadata import version
 from pathlib import Path
 
+import nbformat
 import yaml
 
-__all__ = ["PROFILES", "repo_root", "toc_notebooks", "execute_notebooks", "build_site"]
+from .chapters import add_colab_link
+from .vendor import vendor
 
-# Parameters injected into every notebook under each profile (a notebook ignores names it lacks).
+__all__ = ["PROFILES", "Run", "repo_root", "toc_notebooks", "execute_notebooks", "build_site"]
+
+# Parameters injected into every notebook under each profile (only those a notebook declares).
 PROFILES: dict[str, dict[str, object]] = {
     "ci": {"n_images": 64, "device": "cpu"},  # each notebook's defaults already use the toy model
     "cpu": {"device": "cpu"},
     "paper": {"model_spec": "ViT-L-14/laion2b_s32b_b82k", "device": "auto"},
 }
+
+
+@dataclass
+class Run:
+    """One executed chapter, for the status page."""
+
+    entry: str
+    seconds: float
+    parameters: dict
 
 
 def repo_root() -> Path:
@@ -28,8 +45,7 @@ def repo_root() -> Path:
 def toc_notebooks(root: Path) -> list[str]:
     """Notebook paths (without suffix) in ``_toc.yml`` order."""
     toc = yaml.safe_load((root / "_toc.yml").read_text())
-    entries = [toc["root"]] + [c["file"] for part in toc.get("parts", [{"chapters": toc.get("chapters", [])}])
-                               for c in part.get("chapters", [])]
+    entries = [toc["root"]] + [c["file"] for part in toc.get("parts", []) for c in part.get("chapters", [])]
     return [e for e in entries if (root / f"{e}.ipynb").is_file()]
 
 
@@ -45,10 +61,10 @@ def _stage(root: Path, staging: Path) -> None:
 
 
 def execute_notebooks(profile: str = "cpu", root: Path | None = None, only: list[str] | None = None,
-                      staging: Path | None = None) -> dict[str, float]:
-    """Execute the chapters with papermill under ``profile``; returns seconds per notebook.
+                      staging: Path | None = None) -> list[Run]:
+    """Stage the book and execute its chapters with papermill under ``profile``.
 
-    A failing cell raises ``RuntimeError`` naming the notebook (papermill's error names the cell).
+    A failing cell raises ``RuntimeError`` naming the notebook and the cell.
     """
     import papermill
 
@@ -57,23 +73,64 @@ def execute_notebooks(profile: str = "cpu", root: Path | None = None, only: list
     root = root or repo_root()
     staging = staging or root / "_build" / "src"
     _stage(root, staging)
-    timings = {}
+    runs = []
     for entry in toc_notebooks(root):
+        path = staging / f"{entry}.ipynb"
+        notebook = nbformat.read(path, as_version=4)
+        add_colab_link(notebook, entry)
+        nbformat.write(notebook, path)
         if only and not any(name in entry for name in only):
             continue
-        path = staging / f"{entry}.ipynb"
         declared = papermill.inspect_notebook(str(path))
-        parameters = {k: v for k, v in PROFILES[profile].items() if k in declared}
-        start = time.perf_counter()
+        injected = {k: v for k, v in PROFILES[profile].items() if k in declared}
         print(f"[{profile}] executing {entry}.ipynb", flush=True)
+        start = time.perf_counter()
         try:
-            papermill.execute_notebook(str(path), str(path), parameters=parameters,
-                                       cwd=str(path.parent), kernel_name="python3", progress_bar=False,
-                                       report_mode=False)
+            papermill.execute_notebook(str(path), str(path), parameters=injected, cwd=str(path.parent),
+                                       kernel_name="python3", progress_bar=False)
         except papermill.PapermillExecutionError as error:
             raise RuntimeError(f"{entry}.ipynb failed in cell {error.exec_count}: {error.ename}: {error.evalue}") from error
-        timings[entry] = time.perf_counter() - start
-    return timings
+        defaults = {k: v["default"] for k, v in declared.items()}
+        runs.append(Run(entry, time.perf_counter() - start, {**defaults, **{k: repr(v) for k, v in injected.items()}}))
+    _write_status(staging, profile, runs)
+    return runs
+
+
+def _weights_receipt(spec: str) -> str:
+    """sha256 of the weights a spec names, where they are on this machine."""
+    from clipdecomp.loading import file_sha256, toy_model_dir
+
+    spec = spec.strip("'\"")
+    if spec == "toy":
+        weights = toy_model_dir() / "open_clip_model.safetensors"
+        return file_sha256(weights)[:16] if weights.is_file() else "missing"
+    return "random init" if "/" not in spec else "downloaded by open_clip"
+
+
+def _hardware() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    cpuinfo = Path("/proc/cpuinfo")
+    names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+             if line.startswith("model name")] if cpuinfo.is_file() else []
+    return f"{names[0] if names else platform.processor() or 'CPU'} ({os.cpu_count()} cores, no GPU)"
+
+
+def _write_status(staging: Path, profile: str, runs: list[Run]) -> None:
+    """The reproducibility receipt: ``book/status.md`` in the staged book."""
+    packages = ["clipdecomp", "torch", "open_clip_torch", "numpy", "jupyter-book", "papermill"]
+    lines = ["# Status of this build", "",
+             f"Executed {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC under the **{profile}** profile on "
+             f"{_hardware()}, Python {platform.python_version()}.", "",
+             "| chapter | run time (s) | model | weights sha256 | dataset |", "|---|---|---|---|---|"]
+    for run in runs:
+        spec = str(run.parameters.get("model_spec", "-"))
+        lines.append(f"| {run.entry.split('/')[-1]} | {run.seconds:.1f} | `{spec.strip(chr(39) + chr(34))}` | "
+                     f"{_weights_receipt(spec) if spec != '-' else '-'} | {run.parameters.get('dataset', '-')} |")
+    lines += ["", "| package | version |", "|---|---|"] + [f"| {p} | {version(p)} |" for p in packages]
+    (staging / "book" / "status.md").write_text("\n".join(lines) + "\n")
 
 
 def build_site(root: Path | None = None, staging: Path | None = None, output: Path | None = None) -> Path:
@@ -84,10 +141,10 @@ def build_site(root: Path | None = None, staging: Path | None = None, output: Pa
     root = root or repo_root()
     staging = staging or root / "_build" / "src"
     output = output or root
+    vendor(staging / "_static", root / "_build" / "npm")
     command = [str(Path(sys.executable).parent / "jupyter-book"), "build", str(staging), "--path-output", str(output),
                "-n", "-W", "--keep-going"]
-    env = dict(os.environ, PYDEVD_DISABLE_FILE_VALIDATION="1")
-    result = subprocess.run(command, env=env, capture_output=True, text=True)
+    result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(f"jupyter-book build failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
     return output / "_build" / "html"

@@ -1,0 +1,38 @@
+"""What every chapter shares: the standard setup cell, and its "Open in Colab" link."""
+from __future__ import annotations
+
+import nbformat
+
+from clipdecomp import __version__
+
+__all__ = ["REPOSITORY", "SETUP_CELL", "colab_url", "add_colab_link"]
+
+REPOSITORY = "clipdecomp/clipdecomp"
+"""GitHub ``owner/name`` the book's Colab links and Colab installs point to (set once, here)."""
+
+SETUP_CELL = f'''\
+# Standard setup, the same in every chapter. On Colab: install this book's version of clipdecomp.
+# Everywhere: seed Python/NumPy/torch, set the plot style, print the versions in use.
+import os
+import sys
+
+if "google.colab" in sys.modules:
+    if not os.path.isdir("/content/clipdecomp"):
+        !git clone --quiet --depth 1 --branch v{__version__} https://github.com/{REPOSITORY} /content/clipdecomp
+        %pip install --quiet /content/clipdecomp
+    os.environ["CLIPDECOMP_DATA"] = "/content/clipdecomp/data"  # the toy model and text pools
+import clipdecomp
+from clipdecomp.notebook import pick_device, setup
+
+setup(seed=0)'''
+
+
+def colab_url(entry: str) -> str:
+    """Colab link that opens the source notebook ``entry`` (e.g. ``notebooks/01_decomposition``)."""
+    return f"https://colab.research.google.com/github/{REPOSITORY}/blob/v{__version__}/{entry}.ipynb"
+
+
+def add_colab_link(notebook: nbformat.NotebookNode, entry: str) -> None:
+    """Append an "Open in Colab" link to the notebook's title cell (a text link: no external image)."""
+    title = next(cell for cell in notebook.cells if cell.cell_type == "markdown")
+    title.source += f"\n\n[Open in Colab ↗]({colab_url(entry)})"
