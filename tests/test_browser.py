@@ -70,3 +70,26 @@ def test_every_page_renders_cleanly_offline(built_book, browser):
         if page.locator(".math").count():
             assert page.locator("mjx-container").count(), f"{name}: maths did not render (MathJax not served locally?)"
         page.close()
+
+
+def test_head_explorer_widgets_render_and_respond_offline(built_book, browser):
+    _, html, _ = built_book
+    page, outside = _open(browser, html / "notebooks" / "08_head_explorer.html")
+    page.wait_for_timeout(1000)
+    selects = page.locator(".widget-dropdown select")
+    assert selects.count() == 3, "the explorer's image/head/text dropdowns did not render"
+
+    def visible(selector: str) -> list[str]:
+        return [e.inner_text() if selector.endswith("content") else e.get_attribute("src")
+                for e in page.locator(selector).all() if e.is_visible()]
+
+    summary, pictures = visible(".widget-html-content"), visible(".jupyter-widgets img")
+    assert pictures, "the explorer shows no image"
+    selects.nth(1).select_option(index=1)  # another head
+    page.wait_for_timeout(500)
+    assert visible(".widget-html-content") != summary, "choosing another head changed nothing"
+    selects.nth(2).select_option(index=1)  # another text: a new heatmap
+    page.wait_for_timeout(500)
+    assert visible(".jupyter-widgets img")[0] not in pictures, "choosing another text kept the same heatmap"
+    assert not outside, f"requests left the machine: {outside}"
+    page.close()
