@@ -279,7 +279,7 @@ class _HeadReader:
         width, self.n_heads = attn.embed_dim, attn.num_heads
         self.head_dim = width // self.n_heads
         self.w_q, self.w_k, self.w_v = attn.in_proj_weight.to(**f32).chunk(3)
-        self.b_q, self.b_k, self.b_v = attn.in_proj_bias.to(**f32).chunk(3)
+        self.b_q, _, self.b_v = attn.in_proj_bias.to(**f32).chunk(3)  # the key bias cancels in the softmax
         layer_scale = block.ls_1(torch.ones(width, dtype=block.attn.out_proj.weight.dtype,
                                             device=gamma_proj.device)).to(**f32)
         out_weight = attn.out_proj.weight.to(**f32)  # [W_out, H * Dh]
@@ -297,8 +297,10 @@ class _HeadReader:
         u = u.float()  # [B, N, W] = ln_1(x): the attention input
         self.n_tokens = n = u.shape[1]
         query = self._heads(u[:, 0] @ self.w_q.T + self.b_q)                      # [B, H, Dh]
-        keys = self._heads(u @ self.w_k.T + self.b_k)                             # [B, N, H, Dh]
-        alpha = torch.einsum("bhd,bnhd->bhn", query, keys).mul(self.head_dim ** -0.5).softmax(-1)
+        # q . (W_K u_i + b_K) = (W_K^T q) . u_i + const: fold the query into the key weights instead of
+        # computing every key (O(N W H) instead of O(N W^2)); the constant cancels in the softmax.
+        folded = torch.einsum("bhd,hdw->bhw", query, self.w_k.view(self.n_heads, self.head_dim, -1))
+        alpha = torch.einsum("bhw,bnw->bhn", folded, u).mul(self.head_dim ** -0.5).softmax(-1)
         bias_share = self.bias_raw / (n * self.n_heads)
         cls_value = self._heads(u[:, 0] @ self.w_v.T + self.b_v)                  # [B, H, Dh]
         self.cls_raw = torch.einsum("bh,bhd,hde->bhe", alpha[..., 0], cls_value, self.out_map) + bias_share
