@@ -170,3 +170,15 @@ def test_bad_images_and_layers():
     assert parts.heads.shape == (1, 0, 4, 24)
     with pytest.raises(ValueError, match="spatial"):
         parts.stack("patch")
+
+
+@torch.no_grad()
+def test_cached_output_maps_follow_weight_edits():
+    model = tiny_clip()
+    images = torch.randn(2, 3, 32, 32)
+    clipdecomp.decompose(model, images)  # fills the per-block cache
+    model.visual.transformer.resblocks[2].attn.out_proj.weight.mul_(1.5)
+    model.visual.proj.add_(0.1)
+    check_invariants(model, images)
+    parts = clipdecomp.decompose(model, images)
+    torch.testing.assert_close(parts.heads.sum(2), parts.attns, atol=1e-5, rtol=0)

@@ -9,11 +9,14 @@ A companion library to the executable book reproducing Gandelsman, Efros & Stein
     >>> parts.total()                                  # == normalised bundle.encode_image(images)
 """
 from .ablation import intervene, mean_ablate
+from .cache import DecompositionCache, StaleCacheError
+from .datasets import ImageFolderDataset, ToyDataset, WaterbirdsDataset
 from .decomposition import Decomposition, decompose, decompose_batches, vision_tower
 from .loading import ClipBundle, WeightsUnavailableError, load
 from .zero_shot import accuracy, zero_shot_classifier
 
 __version__ = "0.1.0"
 
-__all__ = ["ClipBundle", "Decomposition", "WeightsUnavailableError", "accuracy", "decompose", "decompose_batches", "intervene", "load", "mean_ablate", "vision_tower",
+__all__ = ["ClipBundle", "Decomposition", "DecompositionCache", "ImageFolderDataset", "StaleCacheError",
+           "ToyDataset", "WaterbirdsDataset", "WeightsUnavailableError", "accuracy", "decompose", "decompose_batches", "intervene", "load", "mean_ablate", "vision_tower",
            "zero_shot_classifier"]

@@ -19,6 +19,7 @@ and only the CLS query row of attention is recomputed from the block's own param
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, fields, replace
 from typing import Iterable, Literal, Sequence
 
@@ -204,7 +205,9 @@ def decompose(model: nn.Module | ClipBundle, images: torch.Tensor, spatial: bool
     gamma = visual.ln_post.weight.to(**f32) if visual.ln_post.weight is not None else torch.ones(width, **f32)
     beta = visual.ln_post.bias.to(**f32) if visual.ln_post.bias is not None else torch.zeros(width, **f32)
     gamma_proj = gamma[:, None] * proj  # [W, d']: the LayerNorm's scale folded into the projection
-    readers = [_HeadReader(block, gamma_proj, spatial and i in head_layers, i in head_layers) for i, block in enumerate(blocks)]
+    final = _signature([visual.ln_post.weight, visual.ln_post.bias, visual.proj])
+    readers = [_HeadReader(block, gamma_proj, final, spatial and i in head_layers, i in head_layers)
+               for i, block in enumerate(blocks)]
 
     captured: dict[str, torch.Tensor] = {}
     hooks = [visual.ln_pre.register_forward_hook(lambda m, i, o: captured.__setitem__("embed", o[:, 0].float())),
@@ -267,26 +270,51 @@ def _to_cpu(parts: Decomposition) -> Decomposition:
                              if isinstance(getattr(parts, f.name), torch.Tensor)})
 
 
+_OUTPUT_MAPS: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
+def _signature(params) -> tuple:
+    """Identity and version of tensors: changes when a parameter is replaced or edited in place."""
+    return tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params if p is not None)
+
+
+def _output_maps(block: ResidualAttentionBlock, gamma_proj: torch.Tensor, final: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+    """``out_map`` [H, Dh, d'] and ``bias_raw`` [d'] of a block, cached until its weights change.
+
+    ``out_map[h] = (W_O^h)^T * layer_scale @ (gamma * proj)`` maps a head's value to output space; it
+    costs as much as a good part of a forward pass on large models, so it is computed once per model.
+    """
+    attn = block.attn
+    key = _signature([attn.out_proj.weight, attn.out_proj.bias, *block.ls_1.parameters()]) + final
+    cached = _OUTPUT_MAPS.get(block)
+    if cached is not None and cached[0] == key:
+        return cached[1], cached[2]
+    f32 = dict(dtype=torch.float32, device=gamma_proj.device)
+    width, n_heads = attn.embed_dim, attn.num_heads
+    layer_scale = block.ls_1(torch.ones(width, dtype=attn.out_proj.weight.dtype, device=gamma_proj.device)).to(**f32)
+    out_weight = attn.out_proj.weight.to(**f32)  # [W_out, H * Dh]
+    out_map = (out_weight.T * layer_scale[None]).view(n_heads, width // n_heads, width) @ gamma_proj
+    bias = attn.out_proj.bias.to(**f32) if attn.out_proj.bias is not None else torch.zeros(width, **f32)
+    bias_raw = (bias * layer_scale) @ gamma_proj  # the whole output bias of the layer
+    _OUTPUT_MAPS[block] = (key, out_map, bias_raw)
+    return out_map, bias_raw
+
+
 class _HeadReader:
     """Recomputes one block's CLS attention row from ``ln_1``'s output and forms per-head raw terms.
 
     "Raw" terms are ``x @ (gamma * proj)`` before the frozen-LayerNorm scaling done in :func:`decompose`.
     """
 
-    def __init__(self, block: ResidualAttentionBlock, gamma_proj: torch.Tensor, spatial: bool, detail: bool):
+    def __init__(self, block: ResidualAttentionBlock, gamma_proj: torch.Tensor, final: tuple, spatial: bool,
+                 detail: bool):
         attn = block.attn
         f32 = dict(dtype=torch.float32, device=gamma_proj.device)
         width, self.n_heads = attn.embed_dim, attn.num_heads
         self.head_dim = width // self.n_heads
         self.w_q, self.w_k, self.w_v = attn.in_proj_weight.to(**f32).chunk(3)
         self.b_q, _, self.b_v = attn.in_proj_bias.to(**f32).chunk(3)  # the key bias cancels in the softmax
-        layer_scale = block.ls_1(torch.ones(width, dtype=block.attn.out_proj.weight.dtype,
-                                            device=gamma_proj.device)).to(**f32)
-        out_weight = attn.out_proj.weight.to(**f32)  # [W_out, H * Dh]
-        # out_map[h] = (W_O^h)^T * layer_scale @ (gamma * proj): [H, Dh, d'] maps a head's value to output space
-        self.out_map = (out_weight.T * layer_scale[None]).view(self.n_heads, self.head_dim, width) @ gamma_proj
-        bias = attn.out_proj.bias.to(**f32) if attn.out_proj.bias is not None else torch.zeros(width, **f32)
-        self.bias_raw = (bias * layer_scale) @ gamma_proj  # [d'] the whole output bias of the layer
+        self.out_map, self.bias_raw = _output_maps(block, gamma_proj, final)
         self.spatial, self.detail = spatial, detail
         self.n_tokens = 0
 

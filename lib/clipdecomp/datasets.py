@@ -1,0 +1,375 @@
+"""Image datasets that yield preprocessed tensors with labels that never depend on file order.
+
+Three datasets share one small protocol (:class:`DecomposableDataset`) that
+:class:`clipdecomp.cache.DecompositionCache` reads:
+
+* :class:`ImageFolderDataset`: one folder per class (ImageNet-val style, ``root/<wnid>/<image>``).
+* :class:`WaterbirdsDataset`: the Waterbirds release (``metadata.csv`` + images) of Sagawa et al.
+* :class:`ToyDataset`: samples of the synthetic toy world (:mod:`clipdecomp.toy`) with exact attributes.
+
+Each knows, up front, its per-image ``ids`` and ``labels`` (a dict of int arrays), loads image ``i``
+with ``image(i)``, and describes its content with ``content_key()``, so a cache built from it can tell
+when the data changed. For image files the key holds the dataset kind, root, preprocessing, and a
+sha256 over the sorted relative paths with each file's size and modification time: cheap to compute
+for 50,000 files (contents are not hashed), and any edited, added or removed file changes it; copying
+the dataset elsewhere (new root or mtimes) also changes it, so a cache is rebuilt rather than trusted.
+
+Files are checked once when a dataset is created: every image is decoded (JPEGs at reduced
+resolution, about a millisecond each), and files that cannot be decoded are skipped, counted in
+``skipped`` and named in one warning, or, with ``strict=True``, reported as an error. Checking up front
+fixes the dataset's length and indices before any work starts, so a long run never meets a bad file
+half-way. Grayscale, palette, CMYK and 16-bit images are converted to RGB; transparent images are
+composited onto white, the way a viewer displays them.
+
+Example:
+    >>> data = ImageFolderDataset("imagenet/val", bundle.preprocess)
+    >>> image, label = data[0]                 # [3, 224, 224], class index
+    >>> data.classes[label], data.ids[0]       # ('n01440764', 'n01440764/ILSVRC2012_val_00000293.JPEG')
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import os
+import re
+import warnings
+from pathlib import Path
+from typing import Callable, Literal, Protocol, Sequence, runtime_checkable
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+__all__ = ["DecomposableDataset", "ImageFolderDataset", "WaterbirdsDataset", "ToyDataset", "load_rgb",
+           "describe_transform", "IMAGE_EXTENSIONS",
+           "HOW_TO_GET_WATERBIRDS"]
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+"""File endings (any case) read as images; other files in a dataset folder are ignored."""
+
+HOW_TO_GET_WATERBIRDS = (
+    "Waterbirds comes from the group-DRO release of Sagawa et al. (2020), 'Distributionally Robust "
+    "Neural Networks' (github.com/kohpangwei/group_DRO): download the tarball "
+    "waterbird_complete95_forest2water2.tar.gz (https://nlp.stanford.edu/data/dro/"
+    "waterbird_complete95_forest2water2.tar.gz), extract it, and pass the extracted folder. Expected "
+    "layout: <folder>/metadata.csv with columns img_filename, y, split, place (y: 0 landbird / 1 waterbird; "
+    "split: 0 train / 1 val / 2 test; place: 0 land / 1 water) and each image at <folder>/<img_filename>, "
+    "e.g. <folder>/001.Black_footed_Albatross/Black_Footed_Albatross_0046_18.jpg.")
+
+IMAGEFOLDER_LAYOUT = (
+    "Expected layout: one sub-folder per class holding that class's images, e.g. "
+    "<root>/n01440764/ILSVRC2012_val_00000293.JPEG (ImageNet val as distributed is one flat folder: "
+    "sort it into one folder per wnid first).")
+
+
+@runtime_checkable
+class DecomposableDataset(Protocol):
+    """What :class:`~clipdecomp.cache.DecompositionCache` needs from a dataset.
+
+    Attributes:
+        labels: label name -> int array [n] (e.g. ``{"label": ...}``), known before any image is read.
+        ids: one unique string per image (e.g. its path relative to the dataset root).
+    """
+
+    labels: dict[str, np.ndarray]
+    ids: list[str]
+
+    def __len__(self) -> int: ...
+
+    def image(self, index: int) -> torch.Tensor:
+        """The preprocessed image ``index`` as a [3, H, W] float tensor."""
+
+    def content_key(self) -> dict:
+        """A small JSON-able description that changes whenever the images or labels change."""
+
+
+def load_rgb(path: str | Path) -> Image.Image:
+    """Open an image file as 8-bit RGB: grayscale/palette/CMYK converted, 16-bit grayscale scaled
+    (65535 -> 255), transparency composited on white."""
+    with Image.open(path) as image:
+        image.load()
+        if image.mode.startswith("I"):  # 16/32-bit integer grayscale: map 16-bit range to 8 bits, not clip
+            pixels = np.asarray(image, dtype=np.float64)
+            if image.mode.startswith("I;16") or pixels.max() > 255:
+                pixels = pixels / 257.0
+            image = Image.fromarray(np.clip(np.round(pixels), 0, 255).astype(np.uint8))
+        has_alpha = image.mode in ("RGBA", "LA", "RGBa", "La") or (
+            image.mode == "P" and "transparency" in image.info)
+        if has_alpha:
+            rgba = image.convert("RGBA")
+            white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            return Image.alpha_composite(white, rgba).convert("RGB")
+        return image.convert("RGB")
+
+
+def describe_transform(transform) -> str:
+    """repr of a preprocessing pipeline without memory addresses (``<function f at 0x...>``)."""
+    return re.sub(r" at 0x[0-9a-fA-F]+", "", repr(transform))
+
+
+def _decode_error(path: Path) -> str | None:
+    """Why ``path`` cannot be decoded, or None. Reads the whole file (JPEGs decoded at 1/8 scale)."""
+    try:
+        with Image.open(path) as image:
+            image.draft("RGB", (1, 1))
+            image.load()
+    except Exception as error:  # PIL raises many types for bad files; the message is what matters
+        return f"{type(error).__name__}: {error}"
+    return None
+
+
+def _check_files(root: Path, relpaths: list[str], strict: bool, progress: bool) -> tuple[list[int], list[tuple[str, str]]]:
+    """Indices of decodable files and (relative path, reason) of the others; strict -> raise on the first."""
+    kept, skipped = [], []
+    for index, rel in enumerate(tqdm(relpaths, desc="checking images", disable=not progress, leave=False)):
+        reason = _decode_error(root / rel)
+        if reason is None:
+            kept.append(index)
+        elif strict:
+            raise ValueError(f"Cannot read image {root / rel} ({reason}). Replace or delete the file, or pass "
+                             "strict=False to skip unreadable files.")
+        else:
+            skipped.append((rel, reason))
+    if skipped:
+        names = ", ".join(rel for rel, _ in skipped[:10]) + (" ..." if len(skipped) > 10 else "")
+        warnings.warn(f"Skipped {len(skipped)} unreadable image file(s) under {root}: {names}. See the dataset's "
+                      ".skipped for the reasons; pass strict=True to make this an error.", stacklevel=3)
+    return kept, skipped
+
+
+def _listing_sha256(root: Path, relpaths: Sequence[str]) -> str:
+    """sha256 over (relative path, size, mtime) of each file: cheap, and changes when any file does."""
+    digest = hashlib.sha256()
+    for rel in relpaths:
+        stat = os.stat(root / rel)
+        digest.update(f"{rel}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def _labels_sha256(labels: dict[str, np.ndarray]) -> str:
+    digest = hashlib.sha256()
+    for name in sorted(labels):
+        digest.update(name.encode() + np.ascontiguousarray(labels[name], dtype=np.int64).tobytes())
+    return digest.hexdigest()
+
+
+class _FileDataset(torch.utils.data.Dataset):
+    """Images stored as files under ``root``; subclasses fill ``relpaths``, ``labels`` and ``kind``."""
+
+    kind = "files"
+    root: Path
+    relpaths: list[str]
+    labels: dict[str, np.ndarray]
+    skipped: list[tuple[str, str]]
+
+    def __init__(self, root: Path, preprocess: Callable[[Image.Image], torch.Tensor]):
+        self.root, self.preprocess = root, preprocess
+
+    def _keep_readable(self, strict: bool, progress: bool) -> None:
+        kept, self.skipped = _check_files(self.root, self.relpaths, strict, progress)
+        self.relpaths = [self.relpaths[i] for i in kept]
+        self.labels = {name: values[kept] for name, values in self.labels.items()}
+
+    @property
+    def ids(self) -> list[str]:
+        """Each image's path relative to ``root`` (POSIX separators)."""
+        return self.relpaths
+
+    def __len__(self) -> int:
+        return len(self.relpaths)
+
+    def image(self, index: int) -> torch.Tensor:
+        path = self.root / self.relpaths[index]
+        try:
+            picture = load_rgb(path)
+        except Exception as error:
+            raise ValueError(f"Cannot read image {path} ({type(error).__name__}: {error}); it was readable when "
+                             "the dataset was created, so it changed since: recreate the dataset.") from error
+        return self.preprocess(picture)
+
+    def _selection_key(self) -> dict:
+        return {"kind": self.kind, "root": str(self.root), "n_images": len(self.relpaths),
+                "preprocess": describe_transform(self.preprocess),
+                "files_sha256": _listing_sha256(self.root, self.relpaths),
+                "labels_sha256": _labels_sha256(self.labels), "skipped": [rel for rel, _ in self.skipped]}
+
+
+class ImageFolderDataset(_FileDataset):
+    """Images in one sub-folder per class; label = the folder's index in ``classes``.
+
+    Args:
+        root: the folder holding one sub-folder per class.
+        preprocess: PIL image -> [3, H, W] tensor, e.g. ``bundle.preprocess``.
+        classes: folder names (e.g. ImageNet wnids) in class-index order. Default: the sorted folder
+            names. Every class folder must appear in it; listed classes may be absent (a subset).
+        strict: raise on an unreadable image instead of skipping it.
+        progress: show a progress bar while checking the files.
+
+    Labels: ``labels["label"]``; ``ids``: paths relative to ``root``, sorted by class folder then file name.
+    """
+
+    kind = "imagefolder"
+
+    def __init__(self, root: str | Path, preprocess: Callable[[Image.Image], torch.Tensor], *,
+                 classes: Sequence[str] | None = None, strict: bool = False, progress: bool = True):
+        super().__init__(Path(root).expanduser().resolve(), preprocess)
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"Image folder {self.root} does not exist. {IMAGEFOLDER_LAYOUT}")
+        folders = sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        if not folders:
+            loose = [p.name for p in self.root.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS]
+            found = f"found {len(loose)} images directly in it but no class folders" if loose else "it has no class folders"
+            raise ValueError(f"{self.root} is not an image-folder dataset: {found}. {IMAGEFOLDER_LAYOUT}")
+        self.classes = list(folders if classes is None else classes)
+        if len(set(self.classes)) != len(self.classes):
+            raise ValueError("classes contains duplicate names; give each class folder once, in class-index order.")
+        unknown = sorted(set(folders) - set(self.classes))
+        if unknown:
+            raise ValueError(f"Class folders {unknown[:5]}{' ...' if len(unknown) > 5 else ''} under {self.root} are "
+                             f"not in the given classes list ({len(self.classes)} names): pass the full list of "
+                             "folder names in class-index order, or remove the extra folders.")
+        index_of = {name: i for i, name in enumerate(self.classes)}
+        self.relpaths, labels = [], []
+        for folder in folders:
+            files = sorted(p.name for p in (self.root / folder).iterdir()
+                           if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+            self.relpaths += [f"{folder}/{name}" for name in files]
+            labels += [index_of[folder]] * len(files)
+        if not self.relpaths:
+            raise ValueError(f"No image files ({', '.join(IMAGE_EXTENSIONS)}) in the class folders of {self.root}. "
+                             f"{IMAGEFOLDER_LAYOUT}")
+        self.labels = {"label": np.asarray(labels, dtype=np.int64)}
+        self._keep_readable(strict, progress)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.image(index), int(self.labels["label"][index])
+
+    def content_key(self) -> dict:
+        return {**self._selection_key(), "classes_sha256": hashlib.sha256("\n".join(self.classes).encode()).hexdigest()}
+
+
+class WaterbirdsDataset(_FileDataset):
+    """The Waterbirds dataset (birds pasted on land or water backgrounds); see :data:`HOW_TO_GET_WATERBIRDS`.
+
+    Args:
+        root: the extracted ``waterbird_complete95_forest2water2`` folder (holds ``metadata.csv``).
+        preprocess: PIL image -> [3, H, W] tensor.
+        split: ``"train"``, ``"val"``, ``"test"`` (5,794 images) or ``"all"``.
+        strict: raise on an unreadable image instead of skipping it.
+
+    Items are ``(image, y, place, group)`` with ``y`` 0 landbird / 1 waterbird, ``place`` 0 land /
+    1 water and ``group = 2 * y + place`` (names in :attr:`group_names`). Rows keep the order of
+    ``metadata.csv``; ``ids`` are its ``img_filename`` values.
+    """
+
+    kind = "waterbirds"
+    SPLITS = {"train": 0, "val": 1, "test": 2}
+    class_names = ["landbird", "waterbird"]
+    place_names = ["land", "water"]
+    group_names = ["landbird on land", "landbird on water", "waterbird on land", "waterbird on water"]
+
+    def __init__(self, root: str | Path, preprocess: Callable[[Image.Image], torch.Tensor],
+                 split: Literal["train", "val", "test", "all"] = "test", *, strict: bool = False, progress: bool = True):
+        super().__init__(Path(root).expanduser().resolve(), preprocess)
+        if split != "all" and split not in self.SPLITS:
+            raise ValueError(f"split must be 'train', 'val', 'test' or 'all', got {split!r}.")
+        self.split = split
+        metadata = self.root / "metadata.csv"
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"Waterbirds folder {self.root} does not exist. {HOW_TO_GET_WATERBIRDS}")
+        if not metadata.is_file():
+            raise FileNotFoundError(f"{metadata} is missing: {self.root} is not an extracted Waterbirds folder. "
+                                    f"{HOW_TO_GET_WATERBIRDS}")
+        rows = self._read_metadata(metadata)
+        wanted = [r for r in rows if split == "all" or r["split"] == self.SPLITS[split]]
+        if not wanted:
+            raise ValueError(f"{metadata} has no rows with split={split!r}. {HOW_TO_GET_WATERBIRDS}")
+        missing = [r["img_filename"] for r in wanted if not (self.root / r["img_filename"]).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{len(missing)} image(s) listed in {metadata} are missing, e.g. "
+                                    f"{self.root / missing[0]}: the extraction is incomplete. {HOW_TO_GET_WATERBIRDS}")
+        self.metadata_sha256 = hashlib.sha256(metadata.read_bytes()).hexdigest()
+        self.relpaths = [r["img_filename"] for r in wanted]
+        y = np.array([r["y"] for r in wanted], dtype=np.int64)
+        place = np.array([r["place"] for r in wanted], dtype=np.int64)
+        self.labels = {"y": y, "place": place, "group": 2 * y + place}
+        self._keep_readable(strict, progress)
+
+    @staticmethod
+    def _read_metadata(path: Path) -> list[dict]:
+        with open(path, newline="") as handle:
+            reader = csv.DictReader(handle)
+            needed = {"img_filename", "y", "split", "place"}
+            columns = set(reader.fieldnames or [])
+            if not needed <= columns:
+                raise ValueError(f"{path} lacks the column(s) {sorted(needed - columns)} (has {sorted(columns)}). "
+                                 f"{HOW_TO_GET_WATERBIRDS}")
+            rows = []
+            for line, row in enumerate(reader, start=2):
+                try:
+                    parsed = {k: int(float(row[k])) for k in ("y", "split", "place")}
+                except (TypeError, ValueError):
+                    raise ValueError(f"{path} line {line}: y, split and place must be integers, got "
+                                     f"{[row.get(k) for k in ('y', 'split', 'place')]}. {HOW_TO_GET_WATERBIRDS}") from None
+                if parsed["y"] not in (0, 1) or parsed["place"] not in (0, 1) or parsed["split"] not in (0, 1, 2):
+                    raise ValueError(f"{path} line {line}: expected y, place in {{0, 1}} and split in {{0, 1, 2}}, "
+                                     f"got {parsed}. {HOW_TO_GET_WATERBIRDS}")
+                rows.append({"img_filename": row["img_filename"], **parsed})
+        return rows
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int, int]:
+        return (self.image(index), *(int(self.labels[k][index]) for k in ("y", "place", "group")))
+
+    def content_key(self) -> dict:
+        return {**self._selection_key(), "split": self.split, "metadata_sha256": self.metadata_sha256}
+
+
+class ToyDataset(torch.utils.data.Dataset):
+    """``n`` toy-world samples (:func:`clipdecomp.toy.sample`), preprocessed, with every attribute as a label.
+
+    Args:
+        n: number of images.
+        seed: sampling seed (the split name is mixed in, see :mod:`clipdecomp.toy`).
+        preprocess: PIL image -> [3, H, W] tensor.
+        split: ``"train"``, ``"val"``, ``"uniform"`` (independent attributes) or ``"test_groups"``.
+        masks: also return each image's object mask (bool [64, 64]) from ``__getitem__``.
+
+    ``labels`` holds every attribute of :data:`clipdecomp.toy.ATTRIBUTES` plus ``group = 2 * label + place``;
+    ``__getitem__`` returns ``(image, {name: int})`` or ``(image, {name: int}, mask)``; ``samples`` keeps the
+    raw :class:`~clipdecomp.toy.ToySamples` (uint8 images, masks, captions).
+    """
+
+    kind = "toy"
+
+    def __init__(self, n: int, seed: int = 0, preprocess: Callable[[Image.Image], torch.Tensor] | None = None, *,
+                 split: str = "uniform", masks: bool = False):
+        from . import toy
+
+        if preprocess is None:
+            raise TypeError("ToyDataset needs preprocess=bundle.preprocess (PIL image -> [3, H, W] tensor).")
+        if n < 1:
+            raise ValueError(f"n must be a positive number of images, got {n}.")
+        self.n, self.seed, self.split, self.preprocess, self.return_masks = n, seed, split, preprocess, masks
+        self.samples = toy.sample(n, seed, split=split)
+        attributes = {k: np.asarray(v, dtype=np.int64) for k, v in self.samples.attributes.items()}
+        self.labels = {**attributes, "group": 2 * attributes["label"] + attributes["place"]}
+        self.ids = [f"toy/{split}/{seed}/{i}" for i in range(n)]
+
+    def __len__(self) -> int:
+        return self.n
+
+    def image(self, index: int) -> torch.Tensor:
+        return self.preprocess(Image.fromarray(self.samples.images[index]))
+
+    def __getitem__(self, index: int):
+        labels = {name: int(values[index]) for name, values in self.labels.items()}
+        if self.return_masks:
+            return self.image(index), labels, torch.from_numpy(self.samples.masks[index])
+        return self.image(index), labels
+
+    def content_key(self) -> dict:
+        pixels = hashlib.sha256(np.ascontiguousarray(self.samples.images).tobytes()).hexdigest()
+        return {"kind": self.kind, "n_images": self.n, "seed": self.seed, "split": self.split,
+                "preprocess": describe_transform(self.preprocess),
+                "images_sha256": pixels, "labels_sha256": _labels_sha256(self.labels)}
