@@ -123,7 +123,9 @@ def _write_status(staging: Path, profile: str, runs: list[Run]) -> None:
     packages = ["clipdecomp", "torch", "open_clip_torch", "numpy", "jupyter-book", "papermill"]
     lines = ["# Status of this build", "",
              f"Executed {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC under the **{profile}** profile on "
-             f"{_hardware()}, Python {platform.python_version()}.", "",
+             f"{_hardware()}, Python {platform.python_version()}. Executing the chapters took "
+             f"{sum(r.seconds for r in runs) / 60:.1f} minutes in all (target for the cpu profile on 2 cores: "
+             "at most 10 minutes).", "",
              "| chapter | run time (s) | model | weights sha256 | dataset |", "|---|---|---|---|---|"]
     for run in runs:
         spec = str(run.parameters.get("model_spec", "-"))
