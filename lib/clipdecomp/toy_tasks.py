@@ -2,22 +2,29 @@
 
 The toy world's "ImageNet" is a set of attribute tasks (shape, colour, position, size, background),
 each a zero-shot classification over the attribute's values with the world's prompt templates.
+Because every image's attributes and object mask are known, the applications can be scored exactly:
+retrieval by the share of neighbours with the query's value (chapter 4), heatmaps by whether their
+hottest pixel lies on the object (chapter 5), head scores against a random-init twin of the model.
 """
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-
+import open_clip
 import torch
 from PIL import Image
 
-from .loading import ClipBundle
+from .decomposition import Decomposition
+from .loading import ClipBundle, toy_model_dir
 from .toy import ATTRIBUTES, PROMPTS, ToySamples
 from .zero_shot import accuracy, zero_shot_classifier
 
 __all__ = ["TASKS", "preprocess_samples", "attribute_classifiers", "attribute_accuracies",
-           "neighbour_agreement", "agreement_by_head", "chance_agreement", "pointing_game"]
+           "neighbour_agreement", "agreement_by_head", "chance_agreement", "pointing_game", "random_twin",
+           "cue_and_label_signal"]
 
 TASKS = ("shape", "colour", "position", "size", "background")
 """The ordinary attribute tasks; ``"label"`` (round vs angular) is the spurious task of chapter 6."""
@@ -67,6 +74,8 @@ def chance_agreement(values: torch.Tensor | np.ndarray) -> float:
     """Expected :func:`neighbour_agreement` of neighbours drawn at random from the other images."""
     _, counts = np.unique(np.asarray(values), return_counts=True)
     n = counts.sum()
+    if n < 2:
+        raise ValueError(f"chance_agreement needs at least 2 images, got {n}.")
     return float((counts * (counts - 1)).sum() / (n * (n - 1)))
 
 
@@ -78,3 +87,43 @@ def pointing_game(heat: torch.Tensor, masks: torch.Tensor | np.ndarray) -> torch
                          "upsample the maps to the image size first (clipdecomp.spatial.heatmap(..., size=64)).")
     hottest = heat.flatten(1).argmax(1)
     return masks.flatten(1).gather(1, hottest[:, None])[:, 0]
+
+
+def random_twin(spec: str, seed: int = 0) -> open_clip.model.CLIP:
+    """A random-init CLIP with the architecture of a local model (``"toy"`` or an open_clip local-dir folder).
+
+    The baseline of :func:`clipdecomp.toy.groundtruth.versus_baseline`: scores that a random network of
+    the same shape already reaches are not evidence of what training put into a head.
+    """
+    folder = toy_model_dir() if spec == "toy" else Path(spec).expanduser()
+    config = folder / "open_clip_config.json"
+    if not config.is_file():
+        raise FileNotFoundError(f"No open_clip_config.json in {folder}: random_twin needs 'toy' or a local-dir "
+                                "model folder (open_clip_config.json + weights).")
+    torch.manual_seed(seed)
+    return open_clip.model.CLIP(**json.loads(config.read_text())["model_cfg"]).eval()
+
+
+def _correlation(x: torch.Tensor, y: torch.Tensor) -> float:
+    x, y = x.double() - x.double().mean(), y.double() - y.double().mean()
+    scale = (x.norm() * y.norm()).item()
+    return float((x @ y).item() / scale) if scale > 0 else 0.0
+
+
+def cue_and_label_signal(parts: Decomposition, direction: torch.Tensor, label: torch.Tensor,
+                         cue: torch.Tensor) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+    """What each component's share of a logit difference tracks: the spurious cue, or the label.
+
+    For every part of ``parts.stack("head")`` (labels ``"embed"``, ``"L3H1"``, ``"mlp_2"``, ...), its
+    score is ``term @ direction`` (e.g. ``direction = classifier[:, 1] - classifier[:, 0]``). Returns the
+    labels, the correlation of each score with ``cue`` ([n] 0/1), and its correlation with ``label``
+    *within* each cue value (averaged over the cue values). Ablating components can only help the
+    worst group if some remaining component has a label correlation within the cue.
+    """
+    terms, labels = parts.stack("head")
+    scores = terms.float() @ direction.float().to(terms.device)
+    cue, label = torch.as_tensor(cue), torch.as_tensor(label)
+    with_cue = torch.tensor([_correlation(scores[:, k], cue) for k in range(len(labels))])
+    within = torch.tensor([np.mean([_correlation(scores[cue == v, k], label[cue == v]) for v in cue.unique()])
+                           for k in range(len(labels))])
+    return labels, with_cue, within
