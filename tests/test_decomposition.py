@@ -182,3 +182,14 @@ def test_cached_output_maps_follow_weight_edits():
     check_invariants(model, images)
     parts = clipdecomp.decompose(model, images)
     torch.testing.assert_close(parts.heads.sum(2), parts.attns, atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
+def test_invariants_on_the_shipped_toy_model():
+    from clipdecomp import toy, toy_tasks
+
+    bundle = clipdecomp.load("toy")
+    images = toy_tasks.preprocess_samples(bundle, toy.sample(8, seed=99, split="uniform"))
+    parts = check_invariants(bundle.model, images)
+    spatial = clipdecomp.decompose(bundle, images, spatial=True)
+    torch.testing.assert_close(spatial.heads.sum(2), parts.heads, atol=1e-5, rtol=0)
