@@ -101,6 +101,19 @@ class TextSpanResult:
         return (mean + (centred @ basis.T) @ basis).to(head_outputs.dtype)
 
 
+def _exhausted(step: int, m: int, score: float, scores: list[float], stacklevel: int) -> bool:
+    """The stopping rule both loops share: error on a constant head, stop (with a warning) once the
+    best remaining text scores below ``STOP_RTOL`` times the first pick's score."""
+    if step == 0 and score == 0:
+        raise ValueError("The head's outputs do not vary along any text of the pool (zero variance): "
+                         "are all images identical, or is the head constant?")
+    if step > 0 and score <= STOP_RTOL * scores[0]:
+        warnings.warn(f"TEXT SPAN stopped after {step} of {m} picks: the remaining texts are orthogonal "
+                      "to the head's variation (the pool spans too few directions).", stacklevel=stacklevel)
+        return True
+    return False
+
+
 def _check_inputs(head_outputs: torch.Tensor, texts: torch.Tensor, m: int, rank: int) -> None:
     if not isinstance(head_outputs, torch.Tensor) or head_outputs.ndim != 2:
         raise ValueError("head_outputs must be a [K images, d'] tensor (one head); "
@@ -171,12 +184,7 @@ def _span_one(c: torch.Tensor, texts: torch.Tensor, m: int, rank: int, reconstru
         var = (coords * coords_cov).sum(1)             # a^T S a = unbiased var of C @ t
         best = int(torch.argmax(var))                  # the first maximum, as numpy/torch argmax
         score = float(var[best].clamp_min(0).sqrt())
-        if step == 0 and score == 0:
-            raise ValueError("The head's outputs do not vary along any text of the pool (zero variance): "
-                             "are all images identical, or is the head constant?")
-        if step > 0 and score <= STOP_RTOL * scores[0]:
-            warnings.warn(f"TEXT SPAN stopped after {step} of {m} picks: the remaining texts are orthogonal "
-                          "to the head's variation (the pool spans too few directions).", stacklevel=3)
+        if _exhausted(step, m, score, scores, stacklevel=4):
             break
         a = coords[best].clone()
         norm2 = a @ a
@@ -280,12 +288,7 @@ def text_span_reference(head_outputs: torch.Tensor, text_embeddings: torch.Tenso
         stds = (data @ texts.T).std(0)                 # unbiased, over images
         best = int(torch.argmax(stds))
         score = float(stds[best])
-        if step == 0 and score == 0:
-            raise ValueError("The head's outputs do not vary along any text of the pool (zero variance): "
-                             "are all images identical, or is the head constant?")
-        if step > 0 and score <= STOP_RTOL * scores[0]:
-            warnings.warn(f"TEXT SPAN stopped after {step} of {m} picks: the remaining texts are orthogonal "
-                          "to the head's variation (the pool spans too few directions).", stacklevel=2)
+        if _exhausted(step, m, score, scores, stacklevel=3):
             break
         chosen = texts[best].clone()
         norm2 = chosen @ chosen
