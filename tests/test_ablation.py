@@ -100,3 +100,15 @@ def test_intervention_changes_early_layers_more_than_cached_view(model_and_image
     cached = F.normalize(mean_ablate(parts, ["attn_0"]), dim=-1)
     real = intervene(model, images, ["attn_0"])
     assert (cached - real).abs().max() > 1e-3
+
+
+@torch.no_grad()
+def test_intervention_reads_a_dataloader_lazily_and_refuses_one_shot_iterators(model_and_images):
+    model, images = model_and_images
+    labels = ["L1H0", "mlp_0", "cls_1"]
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images), batch_size=3,
+                                         collate_fn=lambda items: torch.stack([x for (x,) in items]))
+    torch.testing.assert_close(intervene(model, loader, labels), intervene(model, images, labels, batch_size=5),
+                               atol=1e-5, rtol=0)
+    with pytest.raises(TypeError, match="reads the batches twice"):
+        intervene(model, (b for b in images.split(2)), labels)

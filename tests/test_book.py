@@ -41,5 +41,44 @@ def test_book_executes_and_builds_strictly(built_book):
         assert not errors, f"{run.entry} has error outputs"
     for entry in toc_notebooks(ROOT) + ["book/status"]:
         assert (html / f"{entry}.html").is_file()
+    from clipdecomp.book.links import broken_internal_links
+    assert broken_internal_links(html) == []
     status = (html / "book" / "status.html").read_text()
     assert "ci</strong> profile" in status and "01_decomposition" in status
+
+
+def test_link_check_finds_missing_pages_files_and_anchors(tmp_path):
+    from clipdecomp.book.links import broken_internal_links
+
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "pic.png").write_bytes(b"png")
+    (tmp_path / "index.html").write_text(
+        '<a href="sub/page.html#there">ok</a><a href="sub/page.html#nowhere">bad anchor</a>'
+        '<a href="#top" id="top">self</a><img src="pic.png" alt="a"><img src="gone.png" alt="b">'
+        '<a href="https://example.org/x">outside, not followed</a><a href="../../etc/passwd">escape</a>')
+    (tmp_path / "sub" / "page.html").write_text('<h1 id="there">x</h1><a href="../index.html">back</a>'
+                                               '<a href="missing.html">missing</a>')
+    broken = broken_internal_links(tmp_path)
+    assert broken == ["index.html -> sub/page.html#nowhere (no element with id 'nowhere')",
+                      "index.html -> gone.png (no such file)",
+                      "index.html -> ../../etc/passwd (points outside the site)",
+                      "sub/page.html -> missing.html (no such file)"]
+
+
+def test_every_plot_cell_carries_alt_text():
+    """Figures reach the site as <img> elements; their alt text comes from the cell's mystnb metadata."""
+    for path in NOTEBOOKS:
+        for index, cell in enumerate(nbformat.read(path, as_version=4).cells):
+            if cell.cell_type == "code" and "plt.show()" in cell.source:
+                alt = cell.metadata.get("mystnb", {}).get("image", {}).get("alt", "")
+                assert len(alt) > 20, f"{path.name} cell {index} shows a figure without alt text (metadata mystnb.image.alt)"
+
+
+def test_repository_is_named_once_for_colab_links_and_the_site():
+    import yaml
+
+    from clipdecomp.book.chapters import REPOSITORY
+
+    config = yaml.safe_load((ROOT / "_config.yml").read_text())
+    assert config["repository"]["url"] == f"https://github.com/{REPOSITORY}", \
+        "_config.yml's repository url and clipdecomp.book.chapters.REPOSITORY must name the same repository"

@@ -1,4 +1,4 @@
-"""The built site in headless Chromium: no errors rendered, images load, widgets respond, no network."""
+"""The built site in headless Chromium: no errors rendered, images load and have alt text, widgets respond, no network."""
 from __future__ import annotations
 
 import shutil
@@ -66,6 +66,9 @@ def test_every_page_renders_cleanly_offline(built_book, browser):
         assert page.locator(".output.traceback, .output.error").count() == 0, f"{name}: an error output is rendered"
         broken = page.evaluate("Array.from(document.images).filter(i => !(i.complete && i.naturalWidth > 0)).map(i => i.src)")
         assert not broken, f"{name}: images failed to load: {broken}"
+        no_alt = page.evaluate("Array.from(document.images).filter(i => { const alt = (i.getAttribute('alt') || '').trim();"
+                               " return !alt || i.src.endsWith(alt.split('/').pop()); }).map(i => i.src.slice(0, 90))")
+        assert not no_alt, f"{name}: images without alt text (a figure cell needs mystnb.image.alt metadata): {no_alt}"
         assert not outside, f"{name}: requests left the machine: {outside}"
         if page.locator(".math").count():
             assert page.locator("mjx-container").count(), f"{name}: maths did not render (MathJax not served locally?)"

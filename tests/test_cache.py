@@ -60,6 +60,22 @@ def test_cache_equals_decompose_with_labels_and_ids(tmp_path):
     assert cache.mean("heads").dtype == np.float32
 
 
+def test_to_decomposition_supports_ablation_like_decompose(tmp_path):
+    from clipdecomp.ablation import all_mlps, cls_terms, heads_of, mean_ablate
+
+    bundle, data = tiny_bundle(), ToyDataset(6, seed=3, preprocess=PREPROCESS)
+    cache = DecompositionCache.build(bundle, data, tmp_path / "c", layers=[-1], dtype="float32", shard_size=4,
+                                     progress=False)
+    ref = reference(bundle, data, range(6), layers=[-1])
+    parts = cache.to_decomposition()
+    assert parts.grid_size == ref.grid_size and parts.head_layers == ref.head_layers and parts.cls_to_cls.shape[2] == 1
+    np.testing.assert_allclose(parts.total(), ref.total(), atol=1e-6)
+    n_layers = ref.n_layers
+    for ablate in (all_mlps(n_layers), cls_terms(n_layers), heads_of([(n_layers - 1, 0)])):
+        np.testing.assert_allclose(mean_ablate(parts, ablate), mean_ablate(ref, ablate), atol=1e-6)
+    np.testing.assert_allclose(cache.to_decomposition([4, 1]).heads, ref.heads[[4, 1]], atol=1e-6)
+
+
 @pytest.mark.parametrize("detail, einsum", [("head", "blnhd,td->blnht"), ("sum", "blnhd,td->bnt")])
 def test_patch_detail_reductions(tmp_path, detail, einsum):
     bundle, data = tiny_bundle(), ToyDataset(3, seed=1, preprocess=PREPROCESS)

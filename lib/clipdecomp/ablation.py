@@ -13,7 +13,7 @@ all heads). Mean-ablating a component replaces it by its mean over the evaluated
 from __future__ import annotations
 
 import re
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -116,9 +116,9 @@ def intervene(bundle: ClipBundle | torch.nn.Module, batches: Iterable[torch.Tens
               ablate: Sequence[str], batch_size: int = 64) -> torch.Tensor:
     """[n, d'] normalised embeddings with the components mean-ablated inside the forward pass.
 
-    Two passes over ``batches`` (a [n, 3, H, W] tensor, or a re-iterable of batches): the first
-    records each component's mean output at every token position on the clean model, the second
-    re-runs the model with those means substituted.
+    Two passes over ``batches`` (a [n, 3, H, W] tensor, or a re-iterable of image batches such as a
+    ``DataLoader``, read lazily): the first records each component's mean output at every token
+    position on the clean model, the second re-runs the model with those means substituted.
     """
     clip = bundle.model if isinstance(bundle, ClipBundle) else bundle
     visual = vision_tower(clip)
@@ -126,7 +126,9 @@ def intervene(bundle: ClipBundle | torch.nn.Module, batches: Iterable[torch.Tens
     parsed = _parse(list(dict.fromkeys(ablate)), len(blocks), blocks[0].attn.num_heads)
     if isinstance(batches, torch.Tensor):
         batches = batches.split(batch_size)
-    batches = list(batches) if not isinstance(batches, (list, tuple)) else batches
+    elif isinstance(batches, Iterator):
+        raise TypeError("intervene reads the batches twice: pass a tensor, a list or a DataLoader, not a one-shot "
+                        "iterator or generator.")
     heads_by_layer: dict[int, list[int]] = {}
     for kind, layer, head in parsed:
         if kind == "head":
@@ -135,13 +137,14 @@ def intervene(bundle: ClipBundle | torch.nn.Module, batches: Iterable[torch.Tens
     weight = visual.conv1.weight
     layer_scales = [b.ls_1(torch.ones(b.attn.embed_dim, dtype=weight.dtype, device=weight.device)) for b in blocks]
     sums: dict[str, torch.Tensor] = {}
+    count = 0  # images seen in the first pass
     inputs: dict[int, torch.Tensor] = {}
 
     def accumulate(key: str, value: torch.Tensor) -> None:
         sums[key] = sums.get(key, 0) + value.float().sum(0)
 
     def run(replace: bool) -> list[torch.Tensor]:
-        count = sum(len(b) for b in batches)
+        nonlocal count
         mean = {key: (total / count) for key, total in sums.items()} if replace else {}
         hooks = []
 
@@ -195,7 +198,11 @@ def intervene(bundle: ClipBundle | torch.nn.Module, batches: Iterable[torch.Tens
                 lambda m, a, out, layer=layer: inputs.__setitem__(layer, out)))
             hooks.append(blocks[layer].ls_1.register_forward_hook(on_attention(layer)))
         try:
-            return [F.normalize(clip.encode_image(b.to(visual.conv1.weight.dtype)).float(), dim=-1) for b in batches]
+            outputs = []
+            for batch in batches:
+                outputs.append(F.normalize(clip.encode_image(batch.to(weight.device, weight.dtype)).float(), dim=-1))
+                count += 0 if replace else len(batch)
+            return outputs
         finally:
             for hook in hooks:
                 hook.remove()

@@ -60,7 +60,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .datasets import DecomposableDataset
-from .decomposition import _check_layers, decompose, vision_tower
+from .decomposition import Decomposition, _check_layers, decompose, vision_tower
 from .loading import ClipBundle
 
 try:
@@ -331,6 +331,22 @@ class DecompositionCache:
             out[start:start + len(embed)] = (embed.astype(np.float64) + attns.sum(1, dtype=np.float64)
                                              + mlps.sum(1, dtype=np.float64))
         return out
+
+    def to_decomposition(self, rows=slice(None)) -> Decomposition:
+        """The cached terms of ``rows`` (default: all images) as an in-memory fp32 :class:`Decomposition`.
+
+        Everything that works on a decomposition (``mean_ablate``, TEXT SPAN, ``stack``) then works on
+        the cache. ``heads`` are summed over patches; ``cls_to_cls`` is stored summed over heads, so it
+        comes back with a heads axis of size 1 (its sum, all that the CLS ablation needs).
+        """
+        def load(name: str) -> torch.Tensor:
+            return torch.from_numpy(np.asarray(self.field(name)[rows], dtype=np.float32))
+
+        model = self.key["model"]
+        grid = tuple(size // patch for size, patch in zip(model["image_size"], model["patch_size"]))
+        return Decomposition(embedding=load("embedding"), attns=load("attns"), mlps=load("mlps"), heads=load("heads"),
+                             cls_to_cls=load("cls_to_cls")[:, :, None], norm=load("norm"),
+                             head_layers=self.head_layers, grid_size=grid, spatial=False)
 
     @classmethod
     def open(cls, folder: str | Path, expected_key: dict | None = None) -> "DecompositionCache":

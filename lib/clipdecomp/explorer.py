@@ -7,6 +7,7 @@ the text. Every state is precomputed and stored as widgets; the dropdowns switch
 """
 from __future__ import annotations
 
+import base64
 import html
 import io
 from dataclasses import dataclass
@@ -33,10 +34,12 @@ class HeadCard:
     ablated_accuracy: dict[str, float]
 
 
-def _png(array: np.ndarray) -> bytes:
+def _picture(array: np.ndarray, alt: str) -> widgets.HTML:
+    """An [H, W, 3] uint8 image as an inline PNG ``<img>`` with alt text, inside an HTML widget."""
     buffer = io.BytesIO()
     Image.fromarray(array).save(buffer, format="PNG", optimize=True)
-    return buffer.getvalue()
+    source = base64.b64encode(buffer.getvalue()).decode()
+    return widgets.HTML(f'<img src="data:image/png;base64,{source}" alt="{html.escape(alt)}">')
 
 
 def _overlay(image: np.ndarray, heat: np.ndarray, scale: int) -> np.ndarray:
@@ -82,11 +85,15 @@ def build_explorer(images: np.ndarray, queries: Sequence[int], spatial_parts: De
                 for t in range(len(texts))]
         per_image = []
         for row, query in enumerate(queries):
-            heat_stack = widgets.Stack([widgets.Image(value=_png(_overlay(images[query], maps[t][row], 2 * scale)),
-                                                      format="png") for t in range(len(texts))], selected_index=0)
+            heat_stack = widgets.Stack([
+                _picture(_overlay(images[query], maps[t][row], 2 * scale),
+                         f"Image {query} tinted by {card.label}'s heatmap for '{texts[t]}': red towards the text, "
+                         "blue away from it.")
+                for t in range(len(texts))], selected_index=0)
             widgets.jslink((text_choice, "index"), (heat_stack, "selected_index"))
             neighbours = nearest(head_terms[card.label], query, k=k).tolist()
-            strip = widgets.Image(value=_png(_strip([images[query]] + [images[i] for i in neighbours], scale)), format="png")
+            strip = _picture(_strip([images[query]] + [images[i] for i in neighbours], scale),
+                             f"Image {query}, then the {k} gallery images closest to it in {card.label}'s output.")
             per_image.append(widgets.HBox([
                 widgets.VBox([widgets.HTML("<b>heatmap for the text</b>"), heat_stack]),
                 widgets.VBox([widgets.HTML(f"<b>query, then its {k} nearest images for {card.label}</b>"), strip])]))

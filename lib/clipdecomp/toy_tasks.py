@@ -19,7 +19,7 @@ from PIL import Image
 
 from .decomposition import Decomposition
 from .loading import ClipBundle, toy_model_dir
-from .toy import ATTRIBUTES, PROMPTS, ToySamples
+from .toy import ATTRIBUTES, ToySamples, prompt_templates
 from .zero_shot import accuracy, zero_shot_classifier
 
 __all__ = ["TASKS", "preprocess_samples", "attribute_classifiers", "attribute_accuracies",
@@ -36,8 +36,11 @@ def preprocess_samples(bundle: ClipBundle, samples: ToySamples) -> torch.Tensor:
 
 
 def attribute_classifiers(bundle: ClipBundle, tasks: Sequence[str] = TASKS) -> dict[str, torch.Tensor]:
-    """Per task, the [d', values] zero-shot classifier built from the toy world's prompt templates."""
-    return {task: zero_shot_classifier(bundle, ATTRIBUTES[task], PROMPTS[task]) for task in tasks}
+    """Per task, the [d', values] zero-shot classifier built from the toy world's prompt templates.
+
+    The prompts are the ones :func:`clipdecomp.toy.zeroshot.evaluate` scores the model card with.
+    """
+    return {task: zero_shot_classifier(bundle, ATTRIBUTES[task], prompt_templates(task)) for task in tasks}
 
 
 def attribute_accuracies(embeddings: torch.Tensor, classifiers: dict[str, torch.Tensor],

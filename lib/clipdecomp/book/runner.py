@@ -16,6 +16,7 @@ import nbformat
 import yaml
 
 from .chapters import add_colab_link
+from .links import broken_internal_links
 from .vendor import vendor
 
 __all__ = ["PROFILES", "Run", "repo_root", "toc_notebooks", "execute_notebooks", "build_site"]
@@ -82,7 +83,9 @@ def execute_notebooks(profile: str = "cpu", root: Path | None = None, only: list
         if only and not any(name in entry for name in only):
             continue
         declared = papermill.inspect_notebook(str(path))
-        injected = {k: v for k, v in PROFILES[profile].items() if k in declared}
+        # caches live outside the staging folder (wiped by each run) so an interrupted run can resume
+        settings = {**PROFILES[profile], "cache_dir": str(root / "_build" / "caches")}
+        injected = {k: v for k, v in settings.items() if k in declared}
         print(f"[{profile}] executing {entry}.ipynb", flush=True)
         start = time.perf_counter()
         try:
@@ -136,7 +139,7 @@ def _write_status(staging: Path, profile: str, runs: list[Run]) -> None:
 
 
 def build_site(root: Path | None = None, staging: Path | None = None, output: Path | None = None) -> Path:
-    """Strict jupyter-book build of the staged, executed book into ``<output>/_build/html``.
+    """Strict jupyter-book build of the staged, executed book into ``<output>/_build/html``, links checked.
 
     ``output`` defaults to the repository root, so the site lands in ``_build/html``.
     """
@@ -149,4 +152,8 @@ def build_site(root: Path | None = None, staging: Path | None = None, output: Pa
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(f"jupyter-book build failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
-    return output / "_build" / "html"
+    html = output / "_build" / "html"
+    broken = broken_internal_links(html)
+    if broken:
+        raise RuntimeError(f"{len(broken)} broken internal links in the built site:\n" + "\n".join(broken[:50]))
+    return html

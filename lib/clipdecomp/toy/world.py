@@ -31,12 +31,13 @@ from __future__ import annotations
 import re
 import zlib
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
 __all__ = [
     "ATTRIBUTES", "CAPTION_ATTRIBUTES", "PROMPTS", "SPLITS", "SPURIOUS_RATE", "ToySamples",
-    "class_prompts", "group_names", "sample", "spurious_split",
+    "class_prompts", "group_names", "prompt_templates", "sample", "spurious_split",
 ]
 
 SIZE = 64
@@ -109,9 +110,14 @@ def _articles(text: str) -> str:
     return re.sub(r"\ba (?=[aeiou])", "an ", text)
 
 
+def prompt_templates(attribute: str) -> list[Callable[[str], str]]:
+    """``attribute``'s templates as functions ``value -> prompt`` with the article fixed ("an orange object")."""
+    return [lambda value, template=template: _articles(template.format(value)) for template in PROMPTS[attribute]]
+
+
 def class_prompts(attribute: str) -> list[list[str]]:
     """Zero-shot prompts for ``attribute``: one list of filled-in templates per class."""
-    return [[_articles(t.format(value)) for t in PROMPTS[attribute]] for value in ATTRIBUTES[attribute]]
+    return [[fill(value) for fill in prompt_templates(attribute)] for value in ATTRIBUTES[attribute]]
 
 
 def group_names() -> list[str]:

@@ -1,0 +1,124 @@
+"""Zero-shot evaluation sets: which images a chapter scores, their labels, and a classifier per task.
+
+Chapters 2 and 3 score edited image embeddings (mean-ablated, reconstructed from texts) by zero-shot
+accuracy. On the toy world the tasks are its attributes (shape, colour, position, size, background)
+on held-out images; with real weights the task is ImageNet classification on a seeded subset of a
+validation folder. :func:`evaluation_set` builds either one, and :meth:`EvaluationSet.decompose`
+streams its decomposition into a :class:`~clipdecomp.cache.DecompositionCache`, so a long run on
+ImageNet can be stopped and resumed, and a finished one is reused.
+
+Example:
+    >>> images = evaluation_set(bundle, "toy", n_images=600, seed=2024)
+    >>> parts = images.decompose(bundle, "caches", layers=range(-4, 0)).to_decomposition()
+    >>> images.accuracies(parts.total())          # {"shape": 26.5, "colour": 100.0, ...} in %
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from .cache import DecompositionCache
+from .datasets import DecomposableDataset, ImageFolderDataset, ToyDataset
+from .decomposition import _check_layers, vision_tower
+from .loading import ClipBundle
+from .zero_shot import IMAGENET_CLASSNAMES, accuracy, zero_shot_classifier
+
+__all__ = ["EvaluationSet", "evaluation_set"]
+
+
+@dataclass
+class EvaluationSet:
+    """Images to score (positions ``indices`` of ``dataset``) and, per task, a classifier and its label.
+
+    Attributes:
+        name: a short name for cache folders ("toy" or the image folder's name).
+        dataset: where the images come from.
+        indices: the dataset positions scored, in order.
+        classifiers: task -> [d', classes] zero-shot classifier.
+        label_keys: task -> the name of its labels in ``dataset.labels``.
+    """
+
+    name: str
+    dataset: DecomposableDataset
+    indices: np.ndarray
+    classifiers: dict[str, torch.Tensor]
+    label_keys: dict[str, str]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def labels(self) -> dict[str, torch.Tensor]:
+        """Task -> [n] integer labels of the scored images, in order."""
+        return {task: torch.as_tensor(self.dataset.labels[key][self.indices]) for task, key in self.label_keys.items()}
+
+    def accuracies(self, embeddings: torch.Tensor) -> dict[str, float]:
+        """Zero-shot top-1 accuracy (%) of [n, d'] embeddings of these images, per task (argmax ignores norms)."""
+        if len(embeddings) != len(self):
+            raise ValueError(f"{len(embeddings)} embeddings for an evaluation set of {len(self)} images.")
+        labels = self.labels()
+        return {task: 100 * accuracy(embeddings @ weights.to(embeddings), labels[task])
+                for task, weights in self.classifiers.items()}
+
+    def batches(self, batch_size: int = 64) -> torch.utils.data.DataLoader:
+        """The preprocessed images in order, ``batch_size`` at a time; re-iterable (for :func:`~clipdecomp.intervene`)."""
+        subset = torch.utils.data.Subset(self.dataset, self.indices.tolist())
+        return torch.utils.data.DataLoader(subset, batch_size=batch_size, collate_fn=_stack_images)
+
+    def decompose(self, bundle: ClipBundle, cache_dir: str | Path, *, layers: Sequence[int] | None = None,
+                  batch_size: int = 64, progress: bool = True) -> DecompositionCache:
+        """Decompose the images into a cache folder under ``cache_dir`` (``layers`` keep per-head detail).
+
+        The folder's name is derived from the model, the images and ``layers``: the same call reuses a
+        finished cache and resumes an interrupted one; a different call gets its own folder.
+        """
+        head_layers = _check_layers(layers, len(vision_tower(bundle).transformer.resblocks))
+        inputs = {"model": bundle.spec, "dataset": self.dataset.content_key(), "layers": list(head_layers),
+                  "indices": hashlib.sha256(self.indices.astype(np.int64).tobytes()).hexdigest()}
+        digest = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:12]
+        folder = Path(cache_dir) / f"{self.name}-{bundle.spec.replace('/', '_')}-{len(self)}-{digest}"
+        return DecompositionCache.build(bundle, self.dataset, folder, indices=self.indices, layers=head_layers,
+                                        batch_size=batch_size, progress=progress)
+
+
+def _stack_images(items: list[tuple]) -> torch.Tensor:
+    return torch.stack([item[0] for item in items])
+
+
+def evaluation_set(bundle: ClipBundle, dataset: str | Path, n_images: int, seed: int = 0,
+                   part: int = 0) -> EvaluationSet:
+    """The chapters' zero-shot evaluation images: ``"toy"`` or an ImageNet validation folder.
+
+    Args:
+        bundle: the model; its preprocess and text tower build the dataset and classifiers.
+        dataset: ``"toy"`` (held-out toy images, the five attribute tasks) or an image folder with one
+            sub-folder per ImageNet class named by wnid (the 1,000-class task ``"imagenet"``).
+        n_images: how many images.
+        seed: which images (toy: the sampling seed; folder: the seed of a random subset).
+        part: disjoint sets from one seed: part ``k`` is the ``k``-th block of ``n_images`` (toy:
+            the seed ``seed + k``), e.g. part 0 to fit and part 1 to evaluate.
+    """
+    from . import toy_tasks
+
+    if n_images < 1 or part < 0:
+        raise ValueError(f"n_images must be positive and part non-negative, got {n_images} and {part}.")
+    if str(dataset) == "toy":
+        data = ToyDataset(n_images, seed=seed + part, preprocess=bundle.preprocess, split="uniform")
+        return EvaluationSet("toy", data, np.arange(n_images), toy_tasks.attribute_classifiers(bundle),
+                             {task: task for task in toy_tasks.TASKS})
+    data = ImageFolderDataset(dataset, bundle.preprocess)
+    if len(data.classes) != len(IMAGENET_CLASSNAMES):
+        raise ValueError(f"{data.root} has {len(data.classes)} class folders; the ImageNet task needs all "
+                         f"{len(IMAGENET_CLASSNAMES)} validation classes, one folder per wnid (n01440764, ...).")
+    if (part + 1) * n_images > len(data):
+        raise ValueError(f"{data.root} holds {len(data)} readable images, too few for part {part} of "
+                         f"{n_images} images: lower n_images.")
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed)).numpy()
+    classifier = zero_shot_classifier(bundle, IMAGENET_CLASSNAMES, progress=True)
+    return EvaluationSet(Path(data.root).name, data, order[part * n_images:(part + 1) * n_images],
+                         {"imagenet": classifier}, {"imagenet": "label"})
