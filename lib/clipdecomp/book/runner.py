@@ -84,7 +84,7 @@ def execute_notebooks(profile: str = "cpu", root: Path | None = None, only: list
             continue
         declared = papermill.inspect_notebook(str(path))
         # caches live outside the staging folder (wiped by each run) so an interrupted run can resume
-        settings = {**PROFILES[profile], "cache_dir": str(root / "_build" / "caches")}
+        settings = {**PROFILES[profile], "cache_dir": os.path.relpath(root / "_build" / "caches", path.parent)}
         injected = {k: v for k, v in settings.items() if k in declared}
         print(f"[{profile}] executing {entry}.ipynb", flush=True)
         start = time.perf_counter()
