@@ -82,3 +82,37 @@ def test_repository_is_named_once_for_colab_links_and_the_site():
     config = yaml.safe_load((ROOT / "_config.yml").read_text())
     assert config["repository"]["url"] == f"https://github.com/{REPOSITORY}", \
         "_config.yml's repository url and clipdecomp.book.chapters.REPOSITORY must name the same repository"
+
+
+@pytest.mark.parametrize("path", [p for p in NOTEBOOKS if "benchmarks" not in p.name], ids=lambda p: p.name)
+def test_every_chapter_has_the_reader_furniture(path: Path):
+    """Title, one-line summary, objectives, time and GPU notes up front; summary and exercises with a collapsed solution at the end."""
+    cells = nbformat.read(path, as_version=4).cells
+    first, text = cells[0].source, "\n".join(c.source for c in cells if c.cell_type == "markdown")
+    assert first.startswith("# "), f"{path.name}: the first cell must hold the chapter's title"
+    for marker in ("**In one line:**", "Learning objectives", "Estimated time", "Needs a GPU?"):
+        assert marker in first, f"{path.name}: the title cell lacks {marker!r}"
+    assert text.index("## Summary") < text.index("## Exercises"), f"{path.name}: end with a summary, then exercises"
+    assert ":class: dropdown" in text.split("## Exercises")[1], f"{path.name}: exercise solutions must be collapsed"
+
+
+def test_paper_profile_reads_dataset_locations_and_fails_fast_without_them(tmp_path, monkeypatch):
+    import papermill
+
+    from clipdecomp.book.runner import CHAPTER_PARAMETERS, chapter_parameters, execute_notebooks
+
+    for profile, chapters in CHAPTER_PARAMETERS.items():  # every override names a declared parameter
+        for name, overrides in chapters.items():
+            declared = papermill.inspect_notebook(str(ROOT / "notebooks" / f"{name}.ipynb"))
+            assert set(overrides) <= set(declared), f"{profile}/{name}: {set(overrides) - set(declared)} not declared"
+    for name in ("CLIPDECOMP_IMAGENET_VAL", "CLIPDECOMP_WATERBIRDS", "CLIPDECOMP_IMAGENET_SEG"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(FileNotFoundError, match="CLIPDECOMP_IMAGENET_VAL is not set.*CLIPDECOMP_WATERBIRDS"):
+        execute_notebooks("paper", staging=tmp_path / "src")
+    assert not (tmp_path / "src").exists(), "nothing may run or be staged before the check"
+    monkeypatch.setenv("CLIPDECOMP_IMAGENET_VAL", str(tmp_path / "val"))
+    with pytest.raises(FileNotFoundError, match="val, which does not exist"):
+        execute_notebooks("paper", only=["02_"], staging=tmp_path / "src")
+    settings = chapter_parameters("paper", "notebooks/02_layer_ablations")
+    assert settings["dataset"] == str(tmp_path / "val") and settings["model_spec"].startswith("ViT-L-14/")
+    assert chapter_parameters("cpu", "notebooks/02_layer_ablations") == {"device": "cpu"}

@@ -19,7 +19,8 @@ from .chapters import add_colab_link
 from .links import broken_internal_links
 from .vendor import vendor
 
-__all__ = ["PROFILES", "Run", "repo_root", "toc_notebooks", "execute_notebooks", "build_site"]
+__all__ = ["PROFILES", "CHAPTER_PARAMETERS", "DATA_VARIABLES", "Run", "chapter_parameters", "repo_root", "toc_notebooks",
+           "execute_notebooks", "build_site"]
 
 # Parameters injected into every notebook under each profile (only those a notebook declares).
 PROFILES: dict[str, dict[str, object]] = {
@@ -27,6 +28,26 @@ PROFILES: dict[str, dict[str, object]] = {
     "cpu": {"device": "cpu"},
     "paper": {"model_spec": "ViT-L-14/laion2b_s32b_b82k", "device": "auto"},
 }
+
+# Per-chapter parameters on top of the profile's; "$NAME" is read from the environment variable NAME.
+CHAPTER_PARAMETERS: dict[str, dict[str, dict[str, object]]] = {
+    "paper": {
+        "02_layer_ablations": {"dataset": "$CLIPDECOMP_IMAGENET_VAL", "n_images": 50_000, "batch_size": 256},
+        "03_text_span": {"dataset": "$CLIPDECOMP_IMAGENET_VAL", "main_pool": "descriptions", "n_images": 10_000,
+                         "batch_size": 256},
+        "06_spurious_cues": {"dataset": "$CLIPDECOMP_WATERBIRDS"},
+        "07_segmentation": {"dataset": "imagenet-seg", "seg_path": "$CLIPDECOMP_IMAGENET_SEG", "n_images": None},
+    },
+}
+
+DATA_VARIABLES = {
+    "CLIPDECOMP_IMAGENET_VAL": "an ImageNet validation folder with one sub-folder per class named by wnid "
+                               "(n01440764/...), e.g. from image-net.org's ILSVRC2012 validation set",
+    "CLIPDECOMP_WATERBIRDS": "the extracted waterbird_complete95_forest2water2 folder of Sagawa et al. "
+                             "(see clipdecomp.datasets.HOW_TO_GET_WATERBIRDS)",
+    "CLIPDECOMP_IMAGENET_SEG": "the gtsegs_ijcv.mat file of ImageNet-segmentation (Guillaumin et al.)",
+}
+"""Environment variables the ``paper`` profile reads dataset locations from."""
 
 
 @dataclass
@@ -73,6 +94,8 @@ def execute_notebooks(profile: str = "cpu", root: Path | None = None, only: list
         raise ValueError(f"Unknown profile {profile!r}; choose one of {sorted(PROFILES)}.")
     root = root or repo_root()
     staging = staging or root / "_build" / "src"
+    chosen = [e for e in toc_notebooks(root) if not only or any(name in e for name in only)]
+    _check_data_variables(profile, chosen)
     _stage(root, staging)
     runs = []
     for entry in toc_notebooks(root):
@@ -80,11 +103,12 @@ def execute_notebooks(profile: str = "cpu", root: Path | None = None, only: list
         notebook = nbformat.read(path, as_version=4)
         add_colab_link(notebook, entry)
         nbformat.write(notebook, path)
-        if only and not any(name in entry for name in only):
+        if entry not in chosen:
             continue
         declared = papermill.inspect_notebook(str(path))
         # caches live outside the staging folder (wiped by each run) so an interrupted run can resume
-        settings = {**PROFILES[profile], "cache_dir": os.path.relpath(root / "_build" / "caches", path.parent)}
+        settings = {**chapter_parameters(profile, entry),
+                    "cache_dir": os.path.relpath(root / "_build" / "caches", path.parent)}
         injected = {k: v for k, v in settings.items() if k in declared}
         print(f"[{profile}] executing {entry}.ipynb", flush=True)
         start = time.perf_counter()
@@ -97,6 +121,29 @@ def execute_notebooks(profile: str = "cpu", root: Path | None = None, only: list
         runs.append(Run(entry, time.perf_counter() - start, {**defaults, **{k: repr(v) for k, v in injected.items()}}))
     _write_status(staging, profile, runs)
     return runs
+
+
+def chapter_parameters(profile: str, entry: str) -> dict[str, object]:
+    """What ``profile`` injects into chapter ``entry`` (e.g. ``notebooks/02_layer_ablations``), variables read."""
+    settings = {**PROFILES[profile], **CHAPTER_PARAMETERS.get(profile, {}).get(Path(entry).name, {})}
+    return {key: os.environ.get(value[1:], value) if isinstance(value, str) and value.startswith("$") else value
+            for key, value in settings.items()}
+
+
+def _check_data_variables(profile: str, entries: list[str]) -> None:
+    """Fail before anything runs when a dataset location the profile needs is not set or does not exist."""
+    problems = []
+    for entry in entries:
+        for value in CHAPTER_PARAMETERS.get(profile, {}).get(Path(entry).name, {}).values():
+            if isinstance(value, str) and value.startswith("$"):
+                name = value[1:]
+                where = os.environ.get(name)
+                if not where or not Path(where).expanduser().exists():
+                    state = "is not set" if not where else f"points to {where}, which does not exist"
+                    problems.append(f"{name} {state} ({Path(entry).name} needs {DATA_VARIABLES[name]})")
+    if problems:
+        raise FileNotFoundError(f"The {profile!r} profile reads real datasets, and " + "; ".join(dict.fromkeys(problems))
+                                + ". Set each variable to the dataset's location (or run one chapter with --only).")
 
 
 def _weights_receipt(spec: str) -> str:
