@@ -94,11 +94,12 @@ def execute_notebooks(profile: str = "cpu", root: Path | None = None, only: list
         raise ValueError(f"Unknown profile {profile!r}; choose one of {sorted(PROFILES)}.")
     root = root or repo_root()
     staging = staging or root / "_build" / "src"
-    chosen = [e for e in toc_notebooks(root) if not only or any(name in e for name in only)]
+    entries = toc_notebooks(root)
+    chosen = [e for e in entries if not only or any(name in e for name in only)]
     _check_data_variables(profile, chosen)
     _stage(root, staging)
     runs = []
-    for entry in toc_notebooks(root):
+    for entry in entries:
         path = staging / f"{entry}.ipynb"
         notebook = nbformat.read(path, as_version=4)
         add_colab_link(notebook, entry)
@@ -123,10 +124,15 @@ def execute_notebooks(profile: str = "cpu", root: Path | None = None, only: list
     return runs
 
 
+def _variable(value: object) -> str | None:
+    """The environment variable a ``"$NAME"`` parameter value names, else None."""
+    return value[1:] if isinstance(value, str) and value.startswith("$") else None
+
+
 def chapter_parameters(profile: str, entry: str) -> dict[str, object]:
     """What ``profile`` injects into chapter ``entry`` (e.g. ``notebooks/02_layer_ablations``), variables read."""
     settings = {**PROFILES[profile], **CHAPTER_PARAMETERS.get(profile, {}).get(Path(entry).name, {})}
-    return {key: os.environ.get(value[1:], value) if isinstance(value, str) and value.startswith("$") else value
+    return {key: os.environ.get(_variable(value), value) if _variable(value) else value
             for key, value in settings.items()}
 
 
@@ -134,13 +140,12 @@ def _check_data_variables(profile: str, entries: list[str]) -> None:
     """Fail before anything runs when a dataset location the profile needs is not set or does not exist."""
     problems = []
     for entry in entries:
-        for value in CHAPTER_PARAMETERS.get(profile, {}).get(Path(entry).name, {}).values():
-            if isinstance(value, str) and value.startswith("$"):
-                name = value[1:]
-                where = os.environ.get(name)
-                if not where or not Path(where).expanduser().exists():
-                    state = "is not set" if not where else f"points to {where}, which does not exist"
-                    problems.append(f"{name} {state} ({Path(entry).name} needs {DATA_VARIABLES[name]})")
+        overrides = CHAPTER_PARAMETERS.get(profile, {}).get(Path(entry).name, {})
+        for name in filter(None, map(_variable, overrides.values())):
+            where = os.environ.get(name)
+            if not where or not Path(where).expanduser().exists():
+                state = "is not set" if not where else f"points to {where}, which does not exist"
+                problems.append(f"{name} {state} ({Path(entry).name} needs {DATA_VARIABLES[name]})")
     if problems:
         raise FileNotFoundError(f"The {profile!r} profile reads real datasets, and " + "; ".join(dict.fromkeys(problems))
                                 + ". Set each variable to the dataset's location (or run one chapter with --only).")
