@@ -186,10 +186,10 @@ def test_cached_output_maps_follow_weight_edits():
 
 @torch.no_grad()
 def test_invariants_on_the_shipped_toy_model():
-    from clipdecomp import toy, toy_tasks
+    from clipdecomp import toy
 
     bundle = clipdecomp.load("toy")
-    images = toy_tasks.preprocess_samples(bundle, toy.sample(8, seed=99, split="uniform"))
+    images = bundle.preprocess_batch(toy.sample(8, seed=99, split="uniform").images)
     parts = check_invariants(bundle.model, images)
     spatial = clipdecomp.decompose(bundle, images, spatial=True)
     torch.testing.assert_close(spatial.heads.sum(2), parts.heads, atol=1e-5, rtol=0)

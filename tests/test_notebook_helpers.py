@@ -1,24 +1,25 @@
-"""Toy-world helpers used by chapters 4-6: neighbour agreement, chance level, pointing game."""
+"""Helpers the chapters score the toy world with: neighbour agreement, chance level, pointing game, twin, cue signal."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
 
-from clipdecomp import toy_tasks
+from clipdecomp import retrieval, spatial, spurious
+from clipdecomp.toy import groundtruth
 
 
 def test_neighbour_agreement_counts_shared_values():
     # two tight clusters; the cluster is the attribute for `same`, alternates for `mixed`
     terms = torch.tensor([[1.0, 0], [0.9, 0.1], [0.95, 0.05], [0, 1], [0.1, 0.9], [0.05, 0.95]])
     same = torch.tensor([0, 0, 0, 1, 1, 1])
-    assert toy_tasks.neighbour_agreement(terms, same, k=2).tolist() == [1.0] * 6
+    assert retrieval.neighbour_agreement(terms, same, k=2).tolist() == [1.0] * 6
     mixed = np.array([0, 1, 0, 1, 0, 1])
-    agreement = toy_tasks.neighbour_agreement(terms, mixed, k=2)
+    agreement = retrieval.neighbour_agreement(terms, mixed, k=2)
     # cluster {0, 1, 2} has values 0, 1, 0: image 0 has one same-valued neighbour of two, image 1 none
     assert agreement.tolist() == [0.5, 0.0, 0.5, 0.5, 0.0, 0.5]
     with pytest.raises(ValueError, match="k=6"):
-        toy_tasks.neighbour_agreement(terms, same, k=6)
+        retrieval.neighbour_agreement(terms, same, k=6)
 
 
 def test_agreement_by_head_finds_the_head_that_encodes_the_attribute():
@@ -26,7 +27,7 @@ def test_agreement_by_head_finds_the_head_that_encodes_the_attribute():
     values = torch.arange(60) % 3
     heads = torch.randn(60, 2, 3, 8, generator=g)
     heads[:, 1, 2] = torch.nn.functional.one_hot(values, 8).float() * 5 + 0.1 * heads[:, 1, 2]
-    table = toy_tasks.agreement_by_head(heads, values, k=5)
+    table = retrieval.agreement_by_head(heads, values, k=5)
     assert table.shape == (2, 3)
     assert table[1, 2] == 1.0 and table.flatten().argmax() == 5
     assert (table.flatten()[:5] < 0.7).all()
@@ -35,10 +36,10 @@ def test_agreement_by_head_finds_the_head_that_encodes_the_attribute():
 def test_chance_agreement_matches_random_neighbours():
     values = np.array([0] * 30 + [1] * 10)
     expected = (30 * 29 + 10 * 9) / (40 * 39)
-    assert toy_tasks.chance_agreement(values) == pytest.approx(expected)
+    assert retrieval.chance_agreement(values) == pytest.approx(expected)
     g = torch.Generator().manual_seed(1)
     random_terms = torch.randn(40, 64, generator=g)
-    measured = toy_tasks.neighbour_agreement(random_terms, values, k=10).mean().item()
+    measured = retrieval.neighbour_agreement(random_terms, values, k=10).mean().item()
     assert measured == pytest.approx(expected, abs=0.12)
 
 
@@ -48,9 +49,9 @@ def test_pointing_game():
     heat[1, 3, 3] = 1.0
     masks = torch.zeros(2, 4, 4, dtype=torch.bool)
     masks[:, :2, :2] = True
-    assert toy_tasks.pointing_game(heat, masks).tolist() == [True, False]
+    assert spatial.pointing_game(heat, masks).tolist() == [True, False]
     with pytest.raises(ValueError, match="upsample"):
-        toy_tasks.pointing_game(heat, masks[:, :2])
+        spatial.pointing_game(heat, masks[:, :2])
 
 
 
@@ -69,14 +70,14 @@ def test_random_twin_has_the_architecture_but_not_the_weights(tmp_path):
     (tmp_path / "open_clip_config.json").write_text(json.dumps({"model_cfg": {"embed_dim": 24, "vision_cfg": vision,
                                                                               "text_cfg": text}}))
     save_file({k: v.contiguous() for k, v in trained.state_dict().items()}, str(tmp_path / "open_clip_model.safetensors"))
-    twin = toy_tasks.random_twin(str(tmp_path), seed=3)
+    twin = groundtruth.random_twin(str(tmp_path), seed=3)
     state, twin_state = trained.state_dict(), twin.state_dict()
     assert state.keys() == twin_state.keys()
     assert all(state[k].shape == twin_state[k].shape for k in state)
     assert not torch.equal(state["visual.proj"], twin_state["visual.proj"])
-    assert torch.equal(twin_state["visual.proj"], toy_tasks.random_twin(str(tmp_path), seed=3).state_dict()["visual.proj"])
+    assert torch.equal(twin_state["visual.proj"], groundtruth.random_twin(str(tmp_path), seed=3).state_dict()["visual.proj"])
     with pytest.raises(FileNotFoundError, match="open_clip_config.json"):
-        toy_tasks.random_twin(str(tmp_path / "missing"))
+        groundtruth.random_twin(str(tmp_path / "missing"))
 
 
 def test_cue_and_label_signal_separates_a_cue_head_from_a_label_head():
@@ -94,6 +95,6 @@ def test_cue_and_label_signal_separates_a_cue_head_from_a_label_head():
     heads[:, 2, 0, 0] = 10.0 * label                   # L2H0 writes the label
     from dataclasses import replace
     parts = replace(parts, heads=heads)
-    labels, with_cue, within = toy_tasks.cue_and_label_signal(parts, direction, label, cue)
+    labels, with_cue, within = spurious.cue_and_label_signal(parts, direction, label, cue)
     assert with_cue[labels.index("L1H2")] > 0.95 and abs(within[labels.index("L1H2")]) < 0.3
     assert within[labels.index("L2H0")] > 0.95 and abs(with_cue[labels.index("L2H0")]) < 0.3

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from clipdecomp.loading import file_sha256, toy_model_dir
-from clipdecomp.toy import groundtruth, train, world, zeroshot
+from clipdecomp.toy import groundtruth, train, world
+from clipdecomp.zero_shot import TOY_TASKS, toy_zero_shot
 
 TOY = toy_model_dir()
 
@@ -48,7 +49,7 @@ def test_weights_rebuild_the_training_architecture(card, toy):
     model, tokenizer, _ = toy
     rebuilt = train.build_model(card["config"]).eval()
     rebuilt.load_state_dict({k: v.float() for k, v in load_file(TOY / card["weights"]).items()})
-    x = zeroshot.to_tensor(world.sample(8, seed=3, split="uniform").images)
+    x = world.to_tensor(world.sample(8, seed=3, split="uniform").images)
     tokens = tokenizer(["a red circle.", "an object in the top left."])
     with torch.no_grad():
         torch.testing.assert_close(rebuilt.encode_image(x), model.encode_image(x))
@@ -60,28 +61,29 @@ def test_preprocess_equals_fast_path(toy):
     _, _, preprocess = toy
     images = world.sample(4, seed=9, split="uniform").images
     slow = torch.stack([preprocess(Image.fromarray(im)) for im in images])
-    torch.testing.assert_close(slow, zeroshot.to_tensor(images), atol=1e-5, rtol=0)
+    torch.testing.assert_close(slow, world.to_tensor(images), atol=1e-5, rtol=0)
 
 
 def test_card_accuracies_reproduce_on_fresh_samples(card, toy):
     model, tokenizer, _ = toy
     torch.set_num_threads(1)
     assert card["eval"]["seed"] != 2024 and card["config"]["curve_seed"] != 2024
-    fresh = zeroshot.evaluate(model, tokenizer, n=2000, seed=2024)
+    fresh = toy_zero_shot(model, tokenizer, n=2000, seed=2024)
     shipped = card["zero_shot_accuracy"]
-    for key in (*zeroshot.EVAL_ATTRIBUTES, "spurious"):
-        assert abs(fresh[key] - shipped[key]) <= 2.0, (key, fresh[key], shipped[key])
-    assert abs(fresh["spurious_worst"] - shipped["spurious_worst"]) <= 5.0
+    for key in (*TOY_TASKS, "spurious"):
+        assert abs(fresh[key] - shipped[key]) <= 0.02, (key, fresh[key], shipped[key])
+    assert abs(fresh["spurious_worst"] - shipped["spurious_worst"]) <= 0.05
 
 
 def test_three_training_steps_write_a_loadable_model(tmp_path):
     config = json.loads((TOY / "train_config.json").read_text())
     config["curve_n"] = 40
+    config["curriculum"] = {**config.get("curriculum", {"data": {}}), "steps": 2}  # both phases run
     card = train.train(config, tmp_path, steps=3, eval_n=40)
     assert card["training_steps"] == 3 and len(card["curve"]) == 1
     assert card["weights_sha256"] == file_sha256(tmp_path / "open_clip_model.safetensors")
     model, _, _ = open_clip.create_model_and_transforms(f"local-dir:{tmp_path}")
-    x = zeroshot.to_tensor(world.sample(2, seed=1, split="uniform").images)
+    x = world.to_tensor(world.sample(2, seed=1, split="uniform").images)
     assert model.eval().encode_image(x).shape == (2, config["model_cfg"]["embed_dim"])
     assert not (tmp_path / "checkpoint.pt").exists()
 
@@ -105,14 +107,31 @@ def test_groundtruth_scores_find_the_planted_heads():
     codes = torch.from_numpy(rng.normal(size=(6, d)) * 3).float()
     x[:, 2, 1] += codes[attrs["colour"]]                    # head (2, 1) writes the colour
     x[:, 0, 3] = codes[attrs["size"]]                       # head (0, 3) is a function of the size
-    scores = groundtruth.head_scores(x, attrs)
+    scores = groundtruth.head_scores(x, attrs, layers=[3, 4, 5], names=["colour", "size"])
     assert scores.scores.shape == (layers, heads, 2) and scores.attributes == ["colour", "size"]
-    assert scores.best("colour", 1)[0][:2] == (2, 1) and scores["colour"][2, 1] > 0.8
+    assert scores.best("colour", 1)[0][:2] == (5, 1) and scores["colour"][2, 1] > 0.8
     assert scores["size"][0, 3] == pytest.approx(1.0, abs=1e-5)
     noise = np.delete(scores["colour"].ravel(), [2 * heads + 1, 3])
     assert noise.max() < 0.05                               # ~ (classes - 1) / n by chance
     x[:, 1, 0] = 0                                          # a silent head scores 0, not NaN
-    assert groundtruth.head_scores(x, attrs)["colour"][1, 0] == 0
-    baseline = groundtruth.head_scores(torch.randn(n, layers, heads, d), attrs)
-    delta = groundtruth.versus_baseline(scores, baseline)
-    assert delta["colour"][2, 1] > 0.75 and abs(delta["colour"][0, 0]) < 0.05
+    assert groundtruth.head_scores(x, attrs, [3, 4, 5], ["colour", "size"])["colour"][1, 0] == 0
+    roles = scores.roles(min_score=0.4, margin=2.0)
+    assert roles["L5H1"] == "colour" and roles["L3H3"] == "size"
+    assert sum(role is not None for role in roles.values()) == 2      # noise heads have no clear role
+    with pytest.raises(ValueError, match="layers"):
+        groundtruth.head_scores(x, attrs, layers=[0, 1])
+
+
+def test_named_attribute_reads_the_toy_vocabulary():
+    assert groundtruth.named_attribute(["a red circle", "a photo of something red", "on sand"]) == "colour"
+    assert groundtruth.named_attribute(["an angular object", "a star shape"]) == "shape"
+    assert groundtruth.named_attribute(["a cat"]) is None
+
+
+def test_curriculum_overrides_the_batch_mix_until_it_ends():
+    config = json.loads((TOY / "train_config.json").read_text())
+    config["curriculum"] = {"steps": 5, "data": {"single_rate": 1.0, "position_rate": 0.0, "shape_rate": 1.0}}
+    assert train.batch_options(config, 4)["shape_rate"] == 1.0
+    assert train.batch_options(config, 5) == config["data"]
+    shape_only = world.sample(64, 0, **train.batch_options(config, 0))
+    assert (shape_only.mentions.sum(1) == 1).all()

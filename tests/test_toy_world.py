@@ -39,7 +39,7 @@ def test_masks_are_the_object_pixels():
     s = sample(200, seed=1, split="uniform")
     area = s.masks.sum((1, 2))
     assert (area > 40).all() and (area < 0.25 * 64 * 64).all()
-    assert area[s.attributes["size"] == 1].mean() > 2 * area[s.attributes["size"] == 0].mean()
+    assert area[s.attributes["size"] == 1].mean() > 1.5 * area[s.attributes["size"] == 0].mean()  # (16/12)^2
     for i in range(len(s)):
         colour = world.COLOURS_RGB[s.attributes["colour"][i]]
         inside = s.images[i][s.masks[i]].astype(float).mean(0)
@@ -109,3 +109,28 @@ def test_fast_enough():
     start = time.process_time()
     sample(500, seed=0, hard_negatives=0.5)
     assert time.process_time() - start < 2.0
+
+
+def test_label_captions_only_for_majority_images_when_asked():
+    s = sample(2000, seed=11, single_rate=0.3, hard_negatives=0.5, label_majority=True)
+    minority = s.attributes["label"] != s.attributes["place"]
+    col = CAPTION_ATTRIBUTES.index("label")
+    assert minority.any() and not s.mentions[minority, col].any()
+    assert s.mentions[~minority, col].mean() > 0.05 and s.mentions.any(1).all()
+
+
+def test_focus_rates_and_hard_negative_mix():
+    s = sample(4000, seed=12, single_rate=1.0, shape_rate=1.0)
+    assert s.mentions[:, CAPTION_ATTRIBUTES.index("shape")].all()
+    groups = sample(4 * 400, seed=13, hard_negatives=1.0, hn_position=0.0, hn_shape=1.0).attributes
+    shapes = groups["shape"].reshape(-1, 4)
+    assert (shapes // 3 == shapes[:, :1] // 3).all()                  # the label holds within a group
+    assert np.mean([len(set(row)) > 1 for row in shapes]) > 0.5       # the shape varies
+    with pytest.raises(ValueError, match="shape_rate"):
+        sample(4, shape_rate=1.5)
+    with pytest.raises(ValueError, match="at most 1"):
+        sample(4, position_rate=0.6, shape_rate=0.6)
+
+
+def test_objects_cover_at_least_twelve_percent_of_the_pixels():
+    assert sample(1000, seed=14, split="uniform").masks.mean() >= 0.12

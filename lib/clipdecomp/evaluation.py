@@ -10,7 +10,7 @@ ImageNet can be stopped and resumed, and a finished one is reused.
 Example:
     >>> images = evaluation_set(bundle, "toy", n_images=600, seed=2024)
     >>> parts = images.decompose(bundle, "caches", layers=range(-4, 0)).to_decomposition()
-    >>> images.accuracies(parts.total())          # {"shape": 26.5, "colour": 100.0, ...} in %
+    >>> images.accuracies(parts.total())          # {"shape": 0.93, "colour": 1.0, ...} (fractions)
 """
 from __future__ import annotations
 
@@ -25,9 +25,9 @@ import torch
 
 from .cache import DecompositionCache
 from .datasets import DecomposableDataset, ImageFolderDataset, ToyDataset
-from .decomposition import _check_layers, vision_tower
+from .decomposition import _check_layers
 from .loading import ClipBundle
-from .zero_shot import IMAGENET_CLASSNAMES, accuracy, zero_shot_classifier
+from .zero_shot import IMAGENET_CLASSNAMES, TOY_TASKS, task_accuracies, toy_classifiers, zero_shot_classifier
 
 __all__ = ["EvaluationSet", "evaluation_set"]
 
@@ -58,12 +58,15 @@ class EvaluationSet:
         return {task: torch.as_tensor(self.dataset.labels[key][self.indices]) for task, key in self.label_keys.items()}
 
     def accuracies(self, embeddings: torch.Tensor) -> dict[str, float]:
-        """Zero-shot top-1 accuracy (%) of [n, d'] embeddings of these images, per task (argmax ignores norms)."""
+        """Zero-shot top-1 accuracy (fraction) of [n, d'] embeddings of these images, per task."""
         if len(embeddings) != len(self):
             raise ValueError(f"{len(embeddings)} embeddings for an evaluation set of {len(self)} images.")
-        labels = self.labels()
-        return {task: 100 * accuracy(embeddings @ weights.to(embeddings), labels[task])
-                for task, weights in self.classifiers.items()}
+        return task_accuracies(embeddings, self.classifiers, self.labels())
+
+    def mean_accuracy(self, embeddings: torch.Tensor) -> float:
+        """The mean over tasks of :meth:`accuracies` (one number per edited embedding)."""
+        scores = self.accuracies(embeddings)
+        return sum(scores.values()) / len(scores)
 
     def batches(self, batch_size: int = 64) -> torch.utils.data.DataLoader:
         """The preprocessed images in order, ``batch_size`` at a time; re-iterable (for :func:`~clipdecomp.intervene`)."""
@@ -77,7 +80,7 @@ class EvaluationSet:
         The folder's name is derived from the model, the images and ``layers``: the same call reuses a
         finished cache and resumes an interrupted one; a different call gets its own folder.
         """
-        head_layers = _check_layers(layers, len(vision_tower(bundle).transformer.resblocks))
+        head_layers = _check_layers(layers, bundle.n_layers)
         inputs = {"model": bundle.spec, "dataset": self.dataset.content_key(), "layers": list(head_layers),
                   "indices": hashlib.sha256(self.indices.astype(np.int64).tobytes()).hexdigest()}
         digest = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:12]
@@ -103,14 +106,12 @@ def evaluation_set(bundle: ClipBundle, dataset: str | Path, n_images: int, seed:
         part: disjoint sets from one seed: part ``k`` is the ``k``-th block of ``n_images`` (toy:
             the seed ``seed + k``), e.g. part 0 to fit and part 1 to evaluate.
     """
-    from . import toy_tasks
-
     if n_images < 1 or part < 0:
         raise ValueError(f"n_images must be positive and part non-negative, got {n_images} and {part}.")
     if str(dataset) == "toy":
         data = ToyDataset(n_images, seed=seed + part, preprocess=bundle.preprocess, split="uniform")
-        return EvaluationSet("toy", data, np.arange(n_images), toy_tasks.attribute_classifiers(bundle),
-                             {task: task for task in toy_tasks.TASKS})
+        return EvaluationSet("toy", data, np.arange(n_images), toy_classifiers(bundle),
+                             {task: task for task in TOY_TASKS})
     data = ImageFolderDataset(dataset, bundle.preprocess)
     if len(data.classes) != len(IMAGENET_CLASSNAMES):
         raise ValueError(f"{data.root} has {len(data.classes)} class folders; the ImageNet task needs all "

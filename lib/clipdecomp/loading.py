@@ -26,7 +26,9 @@ from pathlib import Path
 from typing import Callable, Sequence
 from urllib.parse import urlparse
 
+import numpy as np
 import open_clip
+from PIL import Image
 import torch
 import torch.nn.functional as F
 
@@ -77,10 +79,33 @@ class ClipBundle:
             chunks.append(self.model.encode_text(tokens).float())
         return F.normalize(torch.cat(chunks), dim=-1)
 
+    def preprocess_batch(self, images: Sequence[Image.Image] | Image.Image | np.ndarray) -> torch.Tensor:
+        """[B, 3, H, W] model inputs on the bundle's device from PIL images or uint8 [B, H, W, 3] arrays
+        (e.g. ``toy.sample(...).images``), through the bundle's own preprocess."""
+        if isinstance(images, Image.Image):
+            images = [images]
+        pictures = [Image.fromarray(image) if not isinstance(image, Image.Image) else image for image in images]
+        if not pictures:
+            raise ValueError("preprocess_batch got no images.")
+        return torch.stack([self.preprocess(picture) for picture in pictures]).to(self.device)
+
     @torch.no_grad()
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """Embed a preprocessed [B, 3, H, W] batch; returns L2-normalised [B, d'] fp32 rows."""
         return F.normalize(self.model.encode_image(images.to(self.device)).float(), dim=-1)
+
+    @property
+    def tower(self):
+        """The image tower by role (:class:`clipdecomp.towers.Tower`): what the decomposition reads."""
+        from .towers import vision_tower
+
+        return vision_tower(self.model)
+
+    n_layers = property(lambda self: self.tower.n_layers, doc="Blocks of the image tower.")
+    n_heads = property(lambda self: self.tower.n_heads, doc="Attention heads per block.")
+    grid_size = property(lambda self: self.tower.grid_size, doc="The patch grid (rows, columns).")
+    image_size = property(lambda self: self.tower.image_size, doc="Input size (rows, columns) in pixels.")
+    embed_dim = property(lambda self: self.tower.output_dim, doc="Size d' of the image and text embeddings.")
 
 
 def toy_model_dir() -> Path:
@@ -125,18 +150,42 @@ def load(spec: str, device: str | torch.device = "cpu", *, checkpoint: str | Pat
 
     arch, _, tag = spec.partition("/")
     if arch not in open_clip.list_models():
+        path = Path(spec).expanduser()
+        if path.is_file():
+            raise ValueError(f"{path} is a weights file: name its architecture too, e.g. "
+                             f"load('ViT-B-16', checkpoint={str(path)!r}).")
+        if not arch or "/" in spec or spec.startswith(("~", ".")):
+            raise FileNotFoundError(
+                f"No model folder or checkpoint file at {path} (and {arch!r} is not an open_clip architecture, so "
+                "the spec was read as a path): check the path, or use 'toy', an architecture such as 'ViT-B-16' "
+                "or 'ARCH/PRETRAINED_TAG'.")
         raise ValueError(
             f"Unknown model spec {spec!r}: {arch!r} is not an open_clip architecture. Use 'toy', an "
             f"architecture such as 'ViT-B-16', 'ARCH/PRETRAINED_TAG' (see open_clip.list_pretrained()), "
             "a folder in open_clip's local-dir layout, or pass checkpoint=PATH.")
-    if checkpoint is None and tag and Path(tag).expanduser().is_file():
-        checkpoint = Path(tag).expanduser()
+    if checkpoint is None and tag and (Path(tag).expanduser().exists() or _looks_like_path(tag)):
+        checkpoint = Path(tag).expanduser()  # a missing file or a folder is named as such, not as an unknown tag
     if checkpoint is not None:
         return _from_checkpoint(arch, Path(checkpoint), spec, device, precision, quick_gelu=False)
     if not tag:
         model, _, preprocess = open_clip.create_model_and_transforms(arch, device=device, precision=precision)
         return _bundle(model, preprocess, open_clip.get_tokenizer(arch), spec, None, device)
     return _from_pretrained_tag(arch, tag, spec, device, precision, cache_dir)
+
+
+def _looks_like_path(tag: str) -> bool:
+    """Whether the part after ``ARCH/`` is meant as a file (pretrained tags hold no '/' and no file suffix)."""
+    return "/" in tag or tag.startswith(("~", ".")) or Path(tag).suffix.lower() in (".safetensors", ".bin", ".pt",
+                                                                                  ".pth", ".ckpt")
+
+
+def _raise_if_not_the_weights(error: Exception, device: torch.device) -> None:
+    """Re-raise a failed load whose cause is not the weights file (no GPU, out of memory) as what it is."""
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"Device {device} was requested, but torch sees no CUDA GPU on this machine ({error}). "
+                           "Load with device='cpu', or run where a GPU and its driver are installed.") from error
+    if isinstance(error, (MemoryError, torch.cuda.OutOfMemoryError)):
+        raise error
 
 
 def _bundle(model, preprocess, tokenizer, spec, sha, device) -> ClipBundle:
@@ -150,10 +199,15 @@ def _from_local_dir(folder: Path, spec: str, device, precision) -> ClipBundle:
                if p.is_file()]
     if not weights:
         raise FileNotFoundError(f"No weights (open_clip_model.safetensors) found in {folder}.")
+    if not (folder / "open_clip_config.json").is_file():
+        raise FileNotFoundError(f"{folder} has weights but no open_clip_config.json (the model's architecture), which "
+                                "open_clip's local-dir layout needs beside them: restore it, or load the weights with "
+                                "load('ARCH', checkpoint=PATH).")
     name = f"local-dir:{folder}"
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(name, device=device, precision=precision)
     except Exception as error:  # open_clip raises several types for bad files; one clear message here
+        _raise_if_not_the_weights(error, device)
         raise ValueError(f"Could not load the model in {folder}: {error}. The weights file may be "
                          "truncated or corrupt: restore it (e.g. `git checkout -- data/`).") from error
     return _bundle(model, preprocess, open_clip.get_tokenizer(name), spec, file_sha256(weights[0]), device)
@@ -161,6 +215,9 @@ def _from_local_dir(folder: Path, spec: str, device, precision) -> ClipBundle:
 
 def _from_checkpoint(arch: str, path: Path, spec: str, device, precision, quick_gelu: bool,
                      mean=None, std=None) -> ClipBundle:
+    if path.is_dir():
+        raise IsADirectoryError(f"Checkpoint {path} is a folder, not a weights file: pass the .safetensors (or .bin) "
+                                f"file inside it, or load('{path}') for a folder in open_clip's local-dir layout.")
     if not path.is_file():
         raise FileNotFoundError(f"Checkpoint {path} does not exist.")
     try:
@@ -168,6 +225,7 @@ def _from_checkpoint(arch: str, path: Path, spec: str, device, precision, quick_
             arch, pretrained=str(path), device=device, precision=precision, force_quick_gelu=quick_gelu,
             image_mean=mean, image_std=std, weights_only=True)
     except Exception as error:
+        _raise_if_not_the_weights(error, device)
         raise ValueError(
             f"Could not load checkpoint {path} into {arch}: {error}. Checkpoints are read safely "
             "(safetensors, or torch.load with weights_only=True, which refuses arbitrary pickled "

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-__all__ = ["setup", "pick_device", "sample_photo", "to_batch"]
+__all__ = ["setup", "pick_device", "sample_photo"]
 
 
 def pick_device(device: str = "auto") -> torch.device:
@@ -43,9 +43,3 @@ def sample_photo(name: str = "astronaut") -> Image.Image:
     if not hasattr(data, name):
         raise ValueError(f"scikit-image has no sample image {name!r}; try 'astronaut', 'chelsea' or 'coffee'.")
     return Image.fromarray(getattr(data, name)()).convert("RGB")
-
-
-def to_batch(bundle, images: list[Image.Image] | Image.Image) -> torch.Tensor:
-    """Preprocess PIL images with the bundle's transform into a [B, 3, H, W] tensor on its device."""
-    images = [images] if isinstance(images, Image.Image) else images
-    return torch.stack([bundle.preprocess(image) for image in images]).to(bundle.device)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from .decomposition import Decomposition
 
-__all__ = ["patch_scores", "heatmap", "contrastive_heatmap", "joint_map", "overlay"]
+__all__ = ["patch_scores", "heatmap", "contrastive_heatmap", "joint_map", "overlay", "pointing_game"]
 
 
 def _select(parts: Decomposition, heads: Sequence[tuple[int, int]] | None) -> torch.Tensor:
@@ -69,3 +69,13 @@ def overlay(ax, image: np.ndarray, heat: torch.Tensor | np.ndarray, alpha: float
     ax.set_axis_off()
     if title:
         ax.set_title(title, fontsize=9)
+
+
+def pointing_game(heat: torch.Tensor, masks: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """[B] bool: does the hottest pixel of each map ([B, H, W]) fall inside the object mask ([B, H, W])?"""
+    masks = torch.as_tensor(masks, dtype=torch.bool)
+    if heat.shape != masks.shape:
+        raise ValueError(f"heat maps {tuple(heat.shape)} and masks {tuple(masks.shape)} differ in shape: "
+                         "upsample the maps to the image size first (clipdecomp.spatial.heatmap(..., size=64)).")
+    hottest = heat.flatten(1).argmax(1)
+    return masks.flatten(1).gather(1, hottest[:, None])[:, 0]

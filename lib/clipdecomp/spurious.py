@@ -14,7 +14,10 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-__all__ = ["GroupReport", "group_report", "rank_heads_by_concept", "choose_head_count", "random_head_sets"]
+from .decomposition import Decomposition
+
+__all__ = ["GroupReport", "group_report", "rank_heads_by_concept", "choose_head_count", "random_head_sets",
+           "cue_and_label_signal"]
 
 
 @dataclass
@@ -96,3 +99,28 @@ def random_head_sets(all_heads: Sequence[tuple[int, int]], k: int, trials: int =
     """``trials`` random sets of ``k`` distinct heads: the baseline for any head selection."""
     rng = np.random.default_rng(seed)
     return [[tuple(all_heads[i]) for i in rng.choice(len(all_heads), size=k, replace=False)] for _ in range(trials)]
+
+
+def _correlation(x: torch.Tensor, y: torch.Tensor) -> float:
+    x, y = x.double() - x.double().mean(), y.double() - y.double().mean()
+    scale = (x.norm() * y.norm()).item()
+    return float((x @ y).item() / scale) if scale > 0 else 0.0
+
+
+def cue_and_label_signal(parts: Decomposition, direction: torch.Tensor, label: torch.Tensor,
+                         cue: torch.Tensor) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+    """What each component's share of a logit difference tracks: the spurious cue, or the label.
+
+    For every part of ``parts.stack("head")`` (labels ``"embed"``, ``"L3H1"``, ``"mlp_2"``, ...), its
+    score is ``term @ direction`` (e.g. ``direction = classifier[:, 1] - classifier[:, 0]``). Returns the
+    labels, the correlation of each score with ``cue`` ([n] 0/1), and its correlation with ``label``
+    *within* each cue value (averaged over the cue values). Ablating components can only help the
+    worst group if some remaining component has a label correlation within the cue.
+    """
+    terms, labels = parts.stack("head")
+    scores = terms.float() @ direction.float().to(terms.device)
+    cue, label = torch.as_tensor(cue), torch.as_tensor(label)
+    with_cue = torch.tensor([_correlation(scores[:, k], cue) for k in range(len(labels))])
+    within = torch.tensor([np.mean([_correlation(scores[cue == v, k], label[cue == v]) for v in cue.unique()])
+                           for k in range(len(labels))])
+    return labels, with_cue, within

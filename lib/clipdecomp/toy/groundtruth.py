@@ -1,28 +1,47 @@
-"""Ground truth for the toy world: how much of each attention head's output an attribute explains.
+"""Ground truth for the toy world: which attribute each attention head's direct contribution encodes.
 
-For one head, collect its direct contributions ``c_i`` (one d'-vector per image) and group the images
-by an attribute's value. The score is the *between-class share of variance*
+For one head, collect its direct contributions ``c_i`` (one d'-vector per image) on images whose
+attributes are drawn independently (``split="uniform"``) and group them by one attribute's value.
+The score is the *between-class share of variance*
 
-    R^2 = sum_k n_k ||mean_k - mean||^2 / sum_i ||c_i - mean||^2,
+    S_a = sum_k n_k ||mean_k - mean||^2 / sum_i ||c_i - mean||^2,
 
-0 when the attribute tells nothing about where the head writes, 1 when the head's output is a
-function of the attribute alone. It is the multi-output R^2 of regressing the contributions on the
-attribute's one-hot code.
+the first-order sensitivity index of the head's output to attribute ``a`` (Sobol's index: the
+variance of E[c | a] over the total variance). Because the attributes are independent, S_a measures
+how much of the head's output moves when *only* ``a`` changes; the scores of one head sum to at most
+about 1 (less where attributes interact). 0: the head ignores ``a``; 1: its output is a function of
+``a`` alone.
 
-A raw R^2 proves little: even an untrained network is a fixed function of its pixels, and an attribute
-that covers most of the image (the background) explains nearly all the variance of every head of a
-random-init model. Compare against the same score on a random-init model of the same architecture
-(:func:`versus_baseline`), whose difference isolates what training put into the head.
+A head has a clear *role* when one attribute's score is at least ``min_score`` and at least
+``margin`` times every other attribute's (:meth:`HeadScores.roles`).
+
+The control is a random-init twin of the same architecture (:func:`random_twin`). An untrained
+network is a fixed function of its pixels, and the background covers most of them: every head of a
+random twin scores S_background close to 1 and every other attribute close to 0. So a shape, colour
+or position role is evidence of training by itself, while a background role is evidence only in a
+trained model whose other heads have let the background go (training makes most heads drop it).
+Chapter 3 puts the two models' tables side by side.
 """
 from __future__ import annotations
 
+import json
+import re
+from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
+import open_clip
 import torch
 
-__all__ = ["HeadScores", "variance_explained", "head_scores", "versus_baseline"]
+from ..loading import toy_model_dir
+from .world import ATTRIBUTES
+
+__all__ = ["ROLE_ATTRIBUTES", "HeadScores", "variance_explained", "head_scores", "random_twin", "named_attribute"]
+
+ROLE_ATTRIBUTES = ("shape", "colour", "position", "size", "background")
+"""The attributes a head's role is chosen from."""
 
 
 @dataclass
@@ -32,10 +51,12 @@ class HeadScores:
     Attributes:
         scores: float [layers, heads, attributes].
         attributes: the attribute names, in the order of the last axis.
+        layers: the model layer of each row.
     """
 
     scores: np.ndarray
     attributes: list[str]
+    layers: list[int]
 
     def __getitem__(self, attribute: str) -> np.ndarray:
         """The [layers, heads] table of one attribute."""
@@ -45,7 +66,26 @@ class HeadScores:
         """The ``k`` highest-scoring (layer, head, score) for ``attribute``."""
         table = self[attribute]
         order = np.argsort(table, axis=None)[::-1][:k]
-        return [(int(i // table.shape[1]), int(i % table.shape[1]), float(table.flat[i])) for i in order]
+        return [(self.layers[i // table.shape[1]], int(i % table.shape[1]), float(table.flat[i])) for i in order]
+
+    def roles(self, min_score: float = 0.4, margin: float = 2.0) -> dict[str, str | None]:
+        """Head label ("L4H2") -> its clear role: the attribute scoring >= ``min_score`` and >= ``margin``
+        times every other attribute, or ``None``."""
+        result: dict[str, str | None] = {}
+        for i, layer in enumerate(self.layers):
+            for h in range(self.scores.shape[1]):
+                row = self.scores[i, h]
+                top, second = np.sort(row)[::-1][:2] if len(row) > 1 else (row[0], 0.0)
+                clear = top >= min_score and top >= margin * max(second, 0.0)
+                result[f"L{layer}H{h}"] = self.attributes[int(row.argmax())] if clear else None
+        return result
+
+    def table(self) -> "pd.DataFrame":  # noqa: F821 (pandas is imported lazily)
+        """One row per head ("L4H2"), one column per attribute."""
+        import pandas as pd
+
+        index = [f"L{layer}H{h}" for layer in self.layers for h in range(self.scores.shape[1])]
+        return pd.DataFrame(self.scores.reshape(-1, len(self.attributes)), index=index, columns=self.attributes)
 
 
 def variance_explained(contributions: torch.Tensor, labels: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -69,22 +109,41 @@ def variance_explained(contributions: torch.Tensor, labels: np.ndarray | torch.T
     return torch.where(total > 0, between / total.clamp_min(1e-300), torch.zeros_like(total)).float()
 
 
-def head_scores(contributions: torch.Tensor, attributes: Mapping[str, np.ndarray],
-                names: Sequence[str] | None = None) -> HeadScores:
+def head_scores(contributions: torch.Tensor, attributes: Mapping[str, np.ndarray], layers: Sequence[int],
+                names: Sequence[str] = ROLE_ATTRIBUTES) -> HeadScores:
     """Score every head of ``contributions`` [n, layers, heads, d] for each attribute.
 
     Args:
-        contributions: per-head direct contributions, e.g. ``clipdecomp.decompose(model, x).heads``.
+        contributions: per-head direct contributions, e.g. ``parts.head_terms()`` on uniform toy images.
         attributes: ``ToySamples.attributes`` of the same images (name -> int array [n]).
-        names: which attributes to score (default: all of them).
+        layers: the model layer of each row of ``contributions`` (``parts.head_layers``).
+        names: which attributes to score.
     """
-    names = list(names or attributes)
+    if contributions.shape[1] != len(layers):
+        raise ValueError(f"contributions cover {contributions.shape[1]} layers but {len(layers)} layer ids given.")
     table = torch.stack([variance_explained(contributions, attributes[a]) for a in names], dim=-1)
-    return HeadScores(table.numpy(), names)
+    return HeadScores(table.numpy(), list(names), list(layers))
 
 
-def versus_baseline(trained: HeadScores, baseline: HeadScores) -> HeadScores:
-    """Trained minus random-init scores (same architecture, same images): what training added."""
-    if trained.attributes != baseline.attributes or trained.scores.shape != baseline.scores.shape:
-        raise ValueError("trained and baseline scores must cover the same heads and attributes")
-    return HeadScores(trained.scores - baseline.scores, list(trained.attributes))
+def random_twin(spec: str = "toy", seed: int = 0) -> open_clip.model.CLIP:
+    """A random-init CLIP with the architecture of a local model (``"toy"`` or an open_clip local-dir folder).
+
+    The control of the ground-truth scores: what a network of the same shape shows before training.
+    """
+    folder = toy_model_dir() if spec == "toy" else Path(spec).expanduser()
+    config = folder / "open_clip_config.json"
+    if not config.is_file():
+        raise FileNotFoundError(f"No open_clip_config.json in {folder}: random_twin needs 'toy' or a local-dir "
+                                "model folder (open_clip_config.json + weights).")
+    torch.manual_seed(seed)
+    return open_clip.model.CLIP(**json.loads(config.read_text())["model_cfg"]).eval()
+
+
+_VOCABULARY = {a: [re.compile(rf"\b{re.escape(v)}\b") for v in ATTRIBUTES[a]] for a in ROLE_ATTRIBUTES}
+_VOCABULARY["shape"] += [re.compile(rf"\b{v}\b") for v in ATTRIBUTES["label"]]  # round / angular are shape words
+
+
+def named_attribute(texts: Sequence[str]) -> str | None:
+    """The attribute that ``texts`` name most often by the toy world's value words (ties: first text wins)."""
+    named = [a for text in texts for a, words in _VOCABULARY.items() if any(w.search(text) for w in words)]
+    return Counter(named).most_common(1)[0][0] if named else None

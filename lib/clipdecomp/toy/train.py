@@ -4,8 +4,11 @@
     python -m clipdecomp.toy.train --resume             # continue from <out>/checkpoint.pt
     python -m clipdecomp.toy.train --out /tmp/t --steps 3 --eval-n 50   # a smoke test
 
-Every step draws a fresh batch from ``world.sample(batch, seed * 1_000_003 + step, split="train")``,
-so a run is a pure function of its config and resuming reproduces the same batches.
+Every step draws a fresh batch from ``world.sample(batch, seed * 1_000_003 + step, split="train",
+**data)``, so a run is a pure function of its config and resuming reproduces the same batches.
+``data`` is the config's caption and batch mix; a ``curriculum`` entry overrides it for the first
+``curriculum["steps"]`` steps (the shipped run starts with shape-only captions: "a star.", in groups of
+images that differ only in their shape, because a small tower otherwise never learns shape at all).
 
 The loss is CLIP's symmetric contrastive loss with *multiple positives*: caption ``j`` is a positive
 for image ``i`` when every attribute the caption names matches image ``i`` ("a red object" fits every
@@ -32,10 +35,11 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from ..loading import file_sha256, toy_model_dir
+from ..zero_shot import toy_zero_shot
 from . import world
-from .zeroshot import MEAN, STD, evaluate, to_tensor
+from .world import MEAN, STD, to_tensor
 
-__all__ = ["build_model", "positives", "contrastive_loss", "export", "train", "main"]
+__all__ = ["build_model", "batch_options", "positives", "contrastive_loss", "export", "train", "main"]
 
 
 def build_model(config: dict) -> open_clip.model.CLIP:
@@ -44,6 +48,14 @@ def build_model(config: dict) -> open_clip.model.CLIP:
     cfg = config["model_cfg"]
     return open_clip.model.CLIP(embed_dim=cfg["embed_dim"], vision_cfg=cfg["vision_cfg"],
                                 text_cfg=cfg["text_cfg"], init_logit_scale=math.log(config["init_temperature_inv"]))
+
+
+def batch_options(config: dict, step: int) -> dict:
+    """The ``world.sample`` options of training step ``step``: the curriculum's until it ends, then ``data``."""
+    curriculum = config.get("curriculum")
+    if curriculum and step < curriculum["steps"]:
+        return {**config["data"], **curriculum["data"]}
+    return dict(config["data"])
 
 
 def positives(samples: world.ToySamples) -> torch.Tensor:
@@ -119,7 +131,7 @@ def train(config: dict, out: Path, steps: int | None = None, resume: bool = Fals
         for group in opt.param_groups:
             group["lr"] = _lr(step, steps, config)
         batch = world.sample(config["batch"], config["seed"] * 1_000_003 + step, split="train",
-                             **config["data"])
+                             **batch_options(config, step))
         image, text, scale = model(to_tensor(batch.images), tokenizer(batch.captions))
         loss = contrastive_loss(scale * image @ text.T, positives(batch))
         opt.zero_grad(set_to_none=True)
@@ -131,7 +143,7 @@ def train(config: dict, out: Path, steps: int | None = None, resume: bool = Fals
         bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}")
         done = step + 1
         if done % config["eval_every"] == 0 or done == steps:
-            acc = evaluate(model, tokenizer, n=config["curve_n"], seed=config["curve_seed"])
+            acc = toy_zero_shot(model, tokenizer, n=config["curve_n"], seed=config["curve_seed"])
             curve.append({"step": done, "seconds": round(time.time() - t0), "loss": round(float(np.mean(losses[-50:])), 4),
                           **{k: v for k, v in acc.items() if k != "spurious_groups"}})
             tqdm.write(json.dumps(curve[-1]))
@@ -156,7 +168,7 @@ def train(config: dict, out: Path, steps: int | None = None, resume: bool = Fals
         "curve": curve,
         "eval": {"n_per_split": eval_n, "seed": config["card_seed"],
                  "splits": "colour..size: split='uniform'; spurious: split='test_groups'"},
-        "zero_shot_accuracy": evaluate(shipped.eval(), tokenizer, n=eval_n, seed=config["card_seed"]),
+        "zero_shot_accuracy": toy_zero_shot(shipped.eval(), tokenizer, n=eval_n, seed=config["card_seed"]),
         "notes": config.get("notes", []),
     }
     (out / "card.json").write_text(json.dumps(card, indent=2) + "\n")

@@ -36,11 +36,14 @@ from typing import Callable
 import numpy as np
 
 __all__ = [
-    "ATTRIBUTES", "CAPTION_ATTRIBUTES", "PROMPTS", "SPLITS", "SPURIOUS_RATE", "ToySamples",
-    "class_prompts", "group_names", "prompt_templates", "sample", "spurious_split",
+    "ATTRIBUTES", "CAPTION_ATTRIBUTES", "MEAN", "PROMPTS", "SPLITS", "SPURIOUS_RATE", "STD", "ToySamples",
+    "class_prompts", "group_names", "prompt_templates", "sample", "spurious_split", "to_tensor",
 ]
 
 SIZE = 64
+MEAN = (0.5, 0.5, 0.5)
+STD = (0.25, 0.25, 0.25)
+"""The toy model's input normalisation (per channel, on [0, 1] pixels)."""
 SPURIOUS_RATE = 0.95
 SPLITS = ("train", "val", "uniform", "test_groups")
 
@@ -74,8 +77,10 @@ PROMPTS: dict[str, list[str]] = {
 
 COLOURS_RGB = np.array([[220, 40, 40], [245, 140, 20], [240, 220, 40],
                         [40, 180, 60], [40, 80, 230], [150, 50, 200]], dtype=np.float32)
-GRID = np.array([13.0, 32.0, 51.0])
-RADII = np.array([7.0, 11.0])
+GRID = np.array([16.0, 32.0, 48.0])
+"""Centres (px) of the 3 x 3 position grid."""
+RADII = np.array([12.0, 16.0])
+"""Radius (px) of a small and of a large object; large enough that a patch of 8 px sees a shape's outline."""
 GROUP = 4
 
 
@@ -103,6 +108,14 @@ class ToySamples:
     def describe(self, i: int) -> dict[str, str]:
         """The attribute names of sample ``i``, e.g. ``{"shape": "star", ...}``."""
         return {k: ATTRIBUTES[k][int(v[i])] for k, v in self.attributes.items()}
+
+
+def to_tensor(images: np.ndarray) -> "torch.Tensor":
+    """uint8 [n, H, W, 3] -> normalised float [n, 3, H, W], equal to the toy model's open_clip preprocess."""
+    import torch
+
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+    return (x - torch.tensor(MEAN)[:, None, None]) / torch.tensor(STD)[:, None, None]
 
 
 def _articles(text: str) -> str:
@@ -152,22 +165,28 @@ def _draw_attributes(rng: np.random.Generator, n: int, split: str) -> dict[str, 
     }
 
 
-def _hard_negative_groups(rng: np.random.Generator, attrs: dict[str, np.ndarray],
-                          groups: int) -> np.ndarray:
+def _hard_negative_groups(rng: np.random.Generator, attrs: dict[str, np.ndarray], groups: int,
+                          hn_position: float, hn_shape: float) -> np.ndarray:
     """Turn the first ``groups * GROUP`` samples into groups of near-duplicates, in place.
 
-    Within a group every attribute is copied from its first sample except one *focus* attribute
-    (position half the time, else shape, colour, size or background), which stays as drawn; shape
-    and background stay within the group's label and background type, so the spurious rate holds.
+    Within a group every attribute is copied from its first sample except one *focus* attribute,
+    which stays as drawn: the position for a share ``hn_position`` of the groups, the shape for
+    ``hn_shape``, else one of colour, size or background. Shape and background stay within the
+    group's label and background type, so the spurious rate holds.
     Returns the focus attribute's ``CAPTION_ATTRIBUTES`` column per sample (-1 outside groups).
     """
     n = len(attrs["shape"])
     focus = np.full(n, -1)
-    choices = np.array([CAPTION_ATTRIBUTES.index(a) for a in ("shape", "colour", "size", "background")])
-    pos_col = CAPTION_ATTRIBUTES.index("position")
+    others = np.array([CAPTION_ATTRIBUTES.index(a) for a in ("colour", "size", "background")])
     for g in range(groups):
         rows = np.arange(g * GROUP, (g + 1) * GROUP)
-        col = pos_col if rng.random() < 0.5 else int(rng.choice(choices))
+        u = rng.random()
+        if u < hn_position:
+            col = CAPTION_ATTRIBUTES.index("position")
+        elif u < hn_position + hn_shape:
+            col = CAPTION_ATTRIBUTES.index("shape")
+        else:
+            col = int(rng.choice(others))
         focus[rows] = col
         for name in ("shape", "colour", "position", "size", "background", "label", "place"):
             if name != CAPTION_ATTRIBUTES[col]:
@@ -246,11 +265,11 @@ def _masks(attrs: dict[str, np.ndarray], rng: np.random.Generator) -> np.ndarray
     spike = np.abs(np.mod(angle * 5 / (2 * np.pi) + 0.5, 1.0) - 0.5) * 2  # 0 at a tip, 1 between
     hx, hy = 1.15 * u, -1.15 * v + 0.25
     heart = (hx * hx + hy * hy - 1) ** 3 - hx * hx * hy ** 3 <= 0
-    triangle = (v <= 0.75) & (np.abs(u) <= 0.58 * (v + 1.0))
+    triangle = (v <= 0.85) & (np.abs(u) <= 0.65 * (v + 1.05))
     masks = np.select(
         [shape == 0, shape == 1, shape == 2, shape == 3, shape == 4, shape == 5],
         [d2 <= 1, (d2 <= 1) & (d2 >= 0.3), heart, np.maximum(np.abs(u), np.abs(v)) <= 0.82,
-         triangle, np.sqrt(d2) <= 1.05 - 0.6 * spike],
+         triangle, np.sqrt(d2) <= 1.05 - 0.45 * spike],
     )
     return masks.astype(bool)
 
@@ -277,18 +296,25 @@ def _compose(names: dict[str, str], rng: np.random.Generator) -> str:
 
 
 def _captions(attrs: dict[str, np.ndarray], rng: np.random.Generator, single_rate: float,
-              position_rate: float, focus: np.ndarray) -> tuple[list[str], np.ndarray]:
+              position_rate: float, shape_rate: float, label_majority: bool,
+              focus: np.ndarray) -> tuple[list[str], np.ndarray]:
     n, k = len(attrs["shape"]), len(CAPTION_ATTRIBUTES)
+    label_col = CAPTION_ATTRIBUTES.index("label")
     mentions = np.zeros((n, k), bool)
     single = rng.random(n) < single_rate
-    drawn = np.where(rng.random(n) < position_rate, CAPTION_ATTRIBUTES.index("position"),
-                     rng.integers(0, k, n))
+    u = rng.random(n)
+    drawn = np.select([u < position_rate, u < position_rate + shape_rate],
+                      [CAPTION_ATTRIBUTES.index("position"), CAPTION_ATTRIBUTES.index("shape")],
+                      rng.integers(0, k, n))
     focus = np.where(focus >= 0, focus, drawn)
+    no_label = (attrs["label"] != attrs["place"]) if label_majority else np.zeros(n, bool)
+    focus = np.where(no_label & (focus == label_col), rng.integers(0, k - 1, n), focus)
     mentions[np.flatnonzero(single), focus[single]] = True
     multi = np.flatnonzero(~single)
     mentions[multi] = rng.random((len(multi), k)) < 0.5
-    mentions[multi, CAPTION_ATTRIBUTES.index("label")] &= rng.random(len(multi)) < 0.3
+    mentions[multi, label_col] &= rng.random(len(multi)) < 0.3
     mentions[multi, rng.integers(0, k, len(multi))] = True   # at least one named ...
+    mentions[no_label, label_col] = False
     mentions[multi, focus[multi]] = True                    # ... usually two or more
     captions = []
     for i in range(n):
@@ -303,7 +329,8 @@ def _captions(attrs: dict[str, np.ndarray], rng: np.random.Generator, single_rat
 
 
 def sample(n: int, seed: int = 0, *, split: str = "train", single_rate: float = 0.5,
-           position_rate: float = 0.0, hard_negatives: float = 0.0) -> ToySamples:
+           position_rate: float = 0.0, shape_rate: float = 0.0, hard_negatives: float = 0.0,
+           hn_position: float = 0.5, hn_shape: float = 0.125, label_majority: bool = False) -> ToySamples:
     """Draw ``n`` toy-world samples; a pure function of its arguments.
 
     Args:
@@ -313,22 +340,34 @@ def sample(n: int, seed: int = 0, *, split: str = "train", single_rate: float = 
             ``"test_groups"`` (balanced spurious groups, group ``i % 4``).
         single_rate: fraction of captions that name exactly one attribute.
         position_rate: extra probability that a caption's focus attribute is the position.
+        shape_rate: extra probability that a caption's focus attribute is the shape.
         hard_negatives: fraction of the samples (at the start of the batch) arranged in groups of
             ``GROUP`` near-duplicates that differ in one attribute, which their captions name; a
             contrastive loss can then only tell them apart through that attribute.
+        hn_position: share of the hard-negative groups whose images differ in position.
+        hn_shape: share of the hard-negative groups whose images differ in shape (within the label).
+        label_majority: name the label ("round"/"angular") only in captions of majority-group images
+            (label and background type agree), as web captions of waterbirds mostly show them on water.
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    for name, rate in [("single_rate", single_rate), ("position_rate", position_rate),
+                       ("shape_rate", shape_rate), ("hard_negatives", hard_negatives),
+                       ("hn_position", hn_position), ("hn_shape", hn_shape)]:
+        if not 0.0 <= rate <= 1.0:
+            raise ValueError(f"{name} must lie in [0, 1], got {rate!r}")
+    if position_rate + shape_rate > 1 or hn_position + hn_shape > 1:
+        raise ValueError("position_rate + shape_rate and hn_position + hn_shape must each be at most 1")
     rng = _rng(seed, split)
     attrs = _draw_attributes(rng, n, split)
-    focus = _hard_negative_groups(rng, attrs, int(n * hard_negatives) // GROUP)
+    focus = _hard_negative_groups(rng, attrs, int(n * hard_negatives) // GROUP, hn_position, hn_shape)
     masks = _masks(attrs, rng)
     images = _backgrounds(rng, attrs["background"])
     colour = COLOURS_RGB[attrs["colour"]] + rng.uniform(-15, 15, (n, 3)).astype(np.float32)
     shade = 1.0 - 0.12 * _smooth_noise(rng, n, 4)[..., None]
     images = np.where(masks[..., None], colour[:, None, None, :] * shade, images)
     images = np.clip(images, 0, 255).astype(np.uint8)
-    captions, mentions = _captions(attrs, rng, single_rate, position_rate, focus)
+    captions, mentions = _captions(attrs, rng, single_rate, position_rate, shape_rate, label_majority, focus)
     return ToySamples(images, masks, attrs, captions, mentions)
 
 
