@@ -11,15 +11,16 @@ A companion library to the executable book reproducing Gandelsman, Efros & Stein
 from .ablation import intervene, mean_ablate
 from .cache import DecompositionCache, StaleCacheError
 from .datasets import ImageFolderDataset, ToyDataset, WaterbirdsDataset
-from .decomposition import Decomposition, decompose, decompose_batches, vision_tower
+from .decomposition import Decomposition, decompose, decompose_batches
 from .loading import ClipBundle, WeightsUnavailableError, load
 from .pools import load_pool, random_directions
 from .text_span import TextSpanResult, text_span, text_span_heads
+from .towers import Tower, vision_tower
 from .zero_shot import accuracy, zero_shot_classifier
 
 __version__ = "0.1.0"
 
 __all__ = ["ClipBundle", "Decomposition", "DecompositionCache", "ImageFolderDataset", "StaleCacheError",
-           "TextSpanResult", "ToyDataset", "WaterbirdsDataset", "load_pool", "random_directions", "text_span",
+           "TextSpanResult", "Tower", "ToyDataset", "WaterbirdsDataset", "load_pool", "random_directions", "text_span",
            "text_span_heads", "WeightsUnavailableError", "accuracy", "decompose", "decompose_batches", "intervene", "load", "mean_ablate", "vision_tower",
            "zero_shot_classifier"]

@@ -13,13 +13,16 @@ all heads). Mean-ablating a component replaces it by its mean over the evaluated
 from __future__ import annotations
 
 import re
-from typing import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
-from .decomposition import Decomposition, vision_tower
+from .decomposition import Decomposition
 from .loading import ClipBundle
+from .towers import Tower, attention, vision_tower
 
 __all__ = ["mean_ablate", "intervene", "all_mlps", "attention_layers", "cls_terms", "heads_of"]
 
@@ -92,23 +95,100 @@ def mean_ablate(parts: Decomposition, ablate: Sequence[str], means: Decompositio
     return total
 
 
-def _head_outputs(block, u: torch.Tensor, heads: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention outputs of ``heads`` at every query, before out_proj: [B, N, H', Dh], plus alpha[:, :, 0, 0]."""
-    attn = block.attn
-    width, n_heads = attn.embed_dim, attn.num_heads
-    head_dim = width // n_heads
-    qkv = F.linear(u, attn.in_proj_weight, attn.in_proj_bias).view(*u.shape[:2], 3, n_heads, head_dim)
-    q, k, v = (qkv[:, :, i, list(heads)].transpose(1, 2) for i in range(3))      # [B, H', N, Dh]
-    weights = (q @ k.transpose(-1, -2) * head_dim ** -0.5).softmax(-1)
-    return (weights @ v).transpose(1, 2), weights[:, :, 0, 0]
+@dataclass(frozen=True)
+class _Target:
+    """A component that :func:`intervene` mean-ablates, as seen from the module whose output holds it.
+
+    ``read(output, u)`` gives the component [B, ...] from that output and the block's attention input
+    ``u``; ``shift(output, delta)`` returns the output with the component moved by ``delta`` (its mean
+    minus its value, for every image).
+    """
+
+    key: str
+    module: nn.Module
+    read: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
+    shift: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    layer: int | None = None  # the block whose attention input ``read`` needs (None: not needed)
 
 
-def _head_write(block, layer_scale: torch.Tensor, values: torch.Tensor, heads: Sequence[int]) -> torch.Tensor:
-    """What ``heads`` write to the residual stream (no bias): [B, N, W] from [B, N, H', Dh] values."""
-    attn = block.attn
-    head_dim = attn.embed_dim // attn.num_heads
-    columns = torch.cat([torch.arange(h * head_dim, (h + 1) * head_dim) for h in heads])
-    return (values.flatten(2) @ attn.out_proj.weight[:, columns].T) * layer_scale
+def _whole_output(key: str, module: nn.Module, positions: slice) -> _Target:
+    """A module's entire output at ``positions`` (token axis 1): an MLP, an attention layer, the embedding."""
+    def shift(out: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        out = out.clone()
+        out[:, positions] += delta
+        return out
+    return _Target(key, module, read=lambda out, u: out[:, positions], shift=shift)
+
+
+def _heads_target(tower: Tower, layer: int, heads: list[int]) -> _Target:
+    """Some heads of a layer at every query: their outputs before the out-projection [B, N, H', Dh]."""
+    block = tower.blocks[layer]
+    return _Target(f"heads{layer}", block.attn_write, layer=layer,
+                   read=lambda out, u: attention(block.weights(), u, heads)[0],
+                   shift=lambda out, delta: out + block.weights().write(delta, heads, bias=False))
+
+
+def _cls_target(tower: Tower, layer: int) -> _Target:
+    """What every head of a layer writes at the CLS query from the CLS key: alpha_00 * v_0 [B, 1, H, Dh]."""
+    block = tower.blocks[layer]
+
+    def read(out: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        weights = block.weights()
+        _, probs = attention(weights, u)
+        cls_value = weights.split(u[:, :1] @ weights.v.T + weights.v_bias)      # [B, 1, H, Dh]
+        return probs[:, :, 0, 0][:, None, :, None] * cls_value
+
+    def shift(out: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        out = out.clone()
+        out[:, :1] += block.weights().write(delta, bias=False)
+        return out
+    return _Target(f"cls{layer}", block.attn_write, read=read, shift=shift, layer=layer)
+
+
+def _targets(tower: Tower, parsed: list[tuple[str, int, int]]) -> list[_Target]:
+    """One target per whole component in the order given, then per layer its heads and its CLS terms."""
+    targets = []
+    for kind, layer, _ in parsed:
+        if kind == "embed":
+            targets.append(_whole_output("embed", tower.embed, slice(0, 1)))  # the CLS token's embedding
+        elif kind in ("mlp", "attn"):
+            block = tower.blocks[layer]
+            module = block.mlp_write if kind == "mlp" else block.attn_write
+            targets.append(_whole_output(f"{kind}{layer}", module, slice(None)))
+    heads: dict[int, list[int]] = {}
+    for kind, layer, head in parsed:
+        if kind == "head":
+            heads.setdefault(layer, []).append(head)
+    cls_layers = {layer for kind, layer, _ in parsed if kind == "cls"}
+    for layer in sorted(set(heads) | cls_layers):
+        targets += [_heads_target(tower, layer, heads[layer])] if layer in heads else []
+        targets += [_cls_target(tower, layer)] if layer in cls_layers else []
+    return targets
+
+
+OnTarget = Callable[[_Target, torch.Tensor, torch.Tensor | None], torch.Tensor | None]
+
+
+def _hooked_run(tower: Tower, targets: list[_Target], batches: Iterable[torch.Tensor],
+                on_target: OnTarget) -> list[torch.Tensor]:
+    """Normalised embeddings of ``batches`` with ``on_target(target, output, u)`` hooked on every target.
+
+    A non-None return value replaces the module's output; ``u`` is the attention input of the target's
+    block (recorded by a hook on that block's attention input).
+    """
+    inputs: dict[int, torch.Tensor] = {}
+    hooks = []
+    for layer in sorted({t.layer for t in targets if t.layer is not None}):
+        hooks.append(tower.blocks[layer].attn_input.register_forward_hook(
+            lambda module, args, out, layer=layer: inputs.__setitem__(layer, out)))
+    for target in targets:
+        hooks.append(target.module.register_forward_hook(
+            lambda module, args, out, target=target: on_target(target, out, inputs.get(target.layer))))
+    try:
+        return [F.normalize(tower.features(tower.check_images(batch)).float(), dim=-1) for batch in batches]
+    finally:
+        for hook in hooks:
+            hook.remove()
 
 
 @torch.no_grad()
@@ -120,92 +200,23 @@ def intervene(bundle: ClipBundle | torch.nn.Module, batches: Iterable[torch.Tens
     ``DataLoader``, read lazily): the first records each component's mean output at every token
     position on the clean model, the second re-runs the model with those means substituted.
     """
-    clip = bundle.model if isinstance(bundle, ClipBundle) else bundle
-    visual = vision_tower(clip)
-    blocks = list(visual.transformer.resblocks)
-    parsed = _parse(list(dict.fromkeys(ablate)), len(blocks), blocks[0].attn.num_heads)
+    tower = vision_tower(bundle)
+    parsed = _parse(list(dict.fromkeys(ablate)), tower.n_layers, tower.n_heads)
     if isinstance(batches, torch.Tensor):
         batches = batches.split(batch_size)
     elif isinstance(batches, Iterator):
         raise TypeError("intervene reads the batches twice: pass a tensor, a list or a DataLoader, not a one-shot "
                         "iterator or generator.")
-    heads_by_layer: dict[int, list[int]] = {}
-    for kind, layer, head in parsed:
-        if kind == "head":
-            heads_by_layer.setdefault(layer, []).append(head)
-    cls_layers = sorted({layer for kind, layer, _ in parsed if kind == "cls"})
-    weight = visual.conv1.weight
-    layer_scales = [b.ls_1(torch.ones(b.attn.embed_dim, dtype=weight.dtype, device=weight.device)) for b in blocks]
+    targets = _targets(tower, parsed)
     sums: dict[str, torch.Tensor] = {}
-    count = 0  # images seen in the first pass
-    inputs: dict[int, torch.Tensor] = {}
 
-    def accumulate(key: str, value: torch.Tensor) -> None:
-        sums[key] = sums.get(key, 0) + value.float().sum(0)
+    def record(target: _Target, out: torch.Tensor, u: torch.Tensor | None) -> None:
+        sums[target.key] = sums.get(target.key, 0) + target.read(out, u).float().sum(0)
 
-    def run(replace: bool) -> list[torch.Tensor]:
-        nonlocal count
-        mean = {key: (total / count) for key, total in sums.items()} if replace else {}
-        hooks = []
+    def substitute(target: _Target, out: torch.Tensor, u: torch.Tensor | None) -> torch.Tensor:
+        value = target.read(out, u)
+        return target.shift(out, means[target.key].to(value.dtype) - value)
 
-        def on_output(key: str, cls_only: bool = False):
-            def hook(module, args, out):
-                if not replace:
-                    accumulate(key, out[:, :1] if cls_only else out)
-                    return None
-                out = out.clone()
-                if cls_only:
-                    out[:, 0] = mean[key][0].to(out.dtype)
-                else:
-                    out[:] = mean[key].to(out.dtype)
-                return out
-            return hook
-
-        def on_attention(layer: int):
-            block = blocks[layer]
-
-            def hook(module, args, out):
-                out = out.clone()
-                u = inputs[layer]
-                head_list = heads_by_layer.get(layer, [])
-                if head_list:
-                    values, _ = _head_outputs(block, u, head_list)
-                    if replace:
-                        out += _head_write(block, layer_scales[layer], mean[f"heads{layer}"].to(values.dtype) - values, head_list)
-                    else:
-                        accumulate(f"heads{layer}", values)
-                if layer in cls_layers:
-                    every = list(range(block.attn.num_heads))
-                    qkv = F.linear(u[:, :1], block.attn.in_proj_weight, block.attn.in_proj_bias)
-                    v0 = qkv[..., 2 * block.attn.embed_dim:].view(u.shape[0], 1, len(every), -1)
-                    _, alpha00 = _head_outputs(block, u, every)
-                    term = alpha00[:, None, :, None] * v0                             # [B, 1, H, Dh]
-                    if not replace:
-                        accumulate(f"cls{layer}", term)
-                    else:
-                        out[:, :1] += _head_write(block, layer_scales[layer], mean[f"cls{layer}"].to(term.dtype) - term, every)
-                return out if replace else None
-            return hook
-
-        for kind, layer, _ in parsed:
-            if kind == "embed":
-                hooks.append(visual.ln_pre.register_forward_hook(on_output("embed", cls_only=True)))
-            elif kind in ("mlp", "attn"):
-                module = blocks[layer].ls_2 if kind == "mlp" else blocks[layer].ls_1
-                hooks.append(module.register_forward_hook(on_output(f"{kind}{layer}")))
-        for layer in sorted(set(heads_by_layer) | set(cls_layers)):
-            hooks.append(blocks[layer].ln_1.register_forward_hook(
-                lambda m, a, out, layer=layer: inputs.__setitem__(layer, out)))
-            hooks.append(blocks[layer].ls_1.register_forward_hook(on_attention(layer)))
-        try:
-            outputs = []
-            for batch in batches:
-                outputs.append(F.normalize(clip.encode_image(batch.to(weight.device, weight.dtype)).float(), dim=-1))
-                count += 0 if replace else len(batch)
-            return outputs
-        finally:
-            for hook in hooks:
-                hook.remove()
-
-    run(replace=False)
-    return torch.cat(run(replace=True))
+    count = sum(len(batch) for batch in _hooked_run(tower, targets, batches, record))
+    means = {key: total / count for key, total in sums.items()}
+    return torch.cat(_hooked_run(tower, targets, batches, substitute))

@@ -60,8 +60,9 @@ import torch
 from tqdm.auto import tqdm
 
 from .datasets import DecomposableDataset
-from .decomposition import Decomposition, _check_layers, decompose, vision_tower
+from .decomposition import Decomposition, _check_layers, decompose
 from .loading import ClipBundle
+from .towers import vision_tower
 
 try:
     import fcntl
@@ -175,8 +176,7 @@ def cache_key(bundle: ClipBundle, dataset: DecomposableDataset, *, head_layers: 
     return {
         "format": FORMAT,
         "model": {"spec": bundle.spec, "weights": _model_fingerprint(bundle), "open_clip": open_clip.__version__,
-                  "layers": len(visual.transformer.resblocks), "width": visual.transformer.width,
-                  "image_size": list(visual.image_size), "patch_size": list(visual.patch_size)},
+                  **visual.describe()},  # layers, width, image_size, patch_size
         "dataset": dataset.content_key(),  # includes the dataset's preprocessing
         "selection": {"n_images": int(len(selection)), "sha256": _array_sha256(selection.astype(np.int64))},
         "reductions": {"head_layers": list(head_layers), "dtype": dtype, "shard_size": shard_size,
@@ -396,7 +396,7 @@ class DecompositionCache:
         """
         folder = Path(out_dir)
         visual = vision_tower(bundle)
-        n_layers = len(visual.transformer.resblocks)
+        n_layers = visual.n_layers
         head_layers = _check_layers(layers, n_layers)
         selection = np.arange(len(dataset)) if indices is None else np.asarray(list(indices), dtype=np.int64)
         if selection.ndim != 1 or len(selection) == 0:
@@ -409,7 +409,7 @@ class DecompositionCache:
             raise ValueError(f"patch_detail must be 'layer', 'head' or 'sum', got {patch_detail!r}.")
         if batch_size < 1 or shard_size < 1:
             raise ValueError("batch_size and shard_size must be positive.")
-        texts = cls._check_texts(text_directions, text_labels, visual.proj.shape[1])
+        texts = cls._check_texts(text_directions, text_labels, visual.output_dim)
         key = cache_key(bundle, dataset, head_layers=head_layers, selection=selection, text_directions=texts,
                         patch_detail=patch_detail, dtype=dtype, shard_size=shard_size)
 

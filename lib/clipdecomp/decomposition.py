@@ -14,8 +14,9 @@ spatial decomposition. A head's term is ``sum_i alpha_i W_O^h (W_V^h u_i + b_V^h
 bias follows the attention weights, the output bias is split equally (over ``N * H`` when spatial).
 Every term is finally divided by ``||y||`` so the parts sum to the L2-normalised embedding.
 
-The network runs unmodified (``model.encode_image``); forward hooks read the inputs of each block,
-and only the CLS query row of attention is recomputed from the block's own parameters.
+The network runs unmodified (the backend's own forward); forward hooks on the modules that
+:mod:`clipdecomp.towers` names read the inputs of each block, and only the CLS query row of attention is
+recomputed from the block's own parameters.
 """
 from __future__ import annotations
 
@@ -25,17 +26,13 @@ from typing import Iterable, Literal, Sequence
 
 import torch
 import torch.nn as nn
-from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
 
 from .loading import ClipBundle
+from .towers import AttentionWeights, Block, vision_tower
 
-__all__ = ["Decomposition", "decompose", "decompose_batches", "vision_tower", "Granularity"]
+__all__ = ["Decomposition", "decompose", "decompose_batches", "Granularity"]
 
 Granularity = Literal["layer", "head", "patch"]
-
-SUPPORTED = ("open_clip CLIP models whose image tower is a VisionTransformer with CLS-token pooling "
-             "(pool_type='tok', no attentional pooler) built from standard ResidualAttentionBlocks "
-             "with nn.MultiheadAttention, e.g. ViT-B-32, ViT-B-16, ViT-L-14, ViT-H-14 and the toy model")
 
 
 @dataclass
@@ -132,38 +129,6 @@ class Decomposition:
         raise KeyError(f"Unknown part label {label!r}; labels look like 'embed', 'attn_3', 'mlp_3', 'L3H1'.")
 
 
-def vision_tower(model: nn.Module | ClipBundle) -> VisionTransformer:
-    """The supported ViT image tower of ``model``, or a NotImplementedError naming what is supported."""
-    clip = model.model if isinstance(model, ClipBundle) else model
-    visual = getattr(clip, "visual", None)
-    if not isinstance(visual, VisionTransformer):
-        raise NotImplementedError(f"Image tower {type(visual).__name__} is not supported; supported: {SUPPORTED}.")
-    if visual.attn_pool is not None or visual.pool_type != "tok":
-        raise NotImplementedError(
-            f"Pooling {'attentional pool' if visual.attn_pool is not None else repr(visual.pool_type)} is not "
-            f"supported; supported: {SUPPORTED}.")
-    for block in visual.transformer.resblocks:
-        if type(block) is not ResidualAttentionBlock or not isinstance(block.attn, nn.MultiheadAttention):
-            raise NotImplementedError(f"Block type {type(block).__name__} is not supported; supported: {SUPPORTED}.")
-    if visual.proj is None:
-        raise NotImplementedError(f"Image towers without a final projection are not supported; supported: {SUPPORTED}.")
-    return visual
-
-
-def _check_images(images: torch.Tensor, visual: VisionTransformer) -> None:
-    if not isinstance(images, torch.Tensor):
-        raise TypeError(f"images must be a torch.Tensor [B, 3, H, W] from the model's preprocess, got {type(images).__name__}.")
-    size = tuple(visual.image_size)
-    if images.ndim != 4 or images.shape[1] != 3 or tuple(images.shape[2:]) != size:
-        raise ValueError(f"images must have shape [B, 3, {size[0]}, {size[1]}] (preprocessed, RGB), got "
-                         f"{list(images.shape)}. Apply the bundle's preprocess to each image and torch.stack them.")
-    if not images.is_floating_point():
-        raise TypeError(f"images must be a float tensor (normalised by preprocess), got {images.dtype}; "
-                        "uint8 pixels must go through the model's preprocess first.")
-    if not torch.isfinite(images).all():
-        raise ValueError("images contain NaN or Inf values; check the image files and preprocessing.")
-
-
 def _check_layers(layers: Iterable[int] | None, n_layers: int) -> tuple[int, ...]:
     if layers is None:
         return tuple(range(n_layers))
@@ -192,40 +157,42 @@ def decompose(model: nn.Module | ClipBundle, images: torch.Tensor, spatial: bool
         >>> torch.allclose(parts.total(), bundle.encode_image(images), atol=1e-5)
         True
     """
-    clip = model.model if isinstance(model, ClipBundle) else model
-    visual = vision_tower(clip)
-    _check_images(images, visual)
-    blocks = list(visual.transformer.resblocks)
-    n_layers, width = len(blocks), visual.ln_post.normalized_shape[0]
+    tower = vision_tower(model)
+    images = tower.check_images(images)
+    blocks = tower.blocks
+    n_layers, width = tower.n_layers, tower.width
     head_layers = _check_layers(layers, n_layers)
     share = 1.0 / (2 * n_layers + 1)
 
+    ln_post = tower.final_norm
     f32 = dict(dtype=torch.float32, device=images.device)
-    proj = visual.proj.to(**f32)
-    gamma = visual.ln_post.weight.to(**f32) if visual.ln_post.weight is not None else torch.ones(width, **f32)
-    beta = visual.ln_post.bias.to(**f32) if visual.ln_post.bias is not None else torch.zeros(width, **f32)
+    proj = tower.proj.to(**f32)
+    gamma = ln_post.weight.to(**f32) if ln_post.weight is not None else torch.ones(width, **f32)
+    beta = ln_post.bias.to(**f32) if ln_post.bias is not None else torch.zeros(width, **f32)
     gamma_proj = gamma[:, None] * proj  # [W, d']: the LayerNorm's scale folded into the projection
-    final = _signature([visual.ln_post.weight, visual.ln_post.bias, visual.proj])
+    final = _signature([ln_post.weight, ln_post.bias, tower.proj])
     readers = [_HeadReader(block, gamma_proj, final, spatial and i in head_layers, i in head_layers)
                for i, block in enumerate(blocks)]
 
     captured: dict[str, torch.Tensor] = {}
-    hooks = [visual.ln_pre.register_forward_hook(lambda m, i, o: captured.__setitem__("embed", o[:, 0].float())),
-             visual.ln_post.register_forward_hook(lambda m, i, o: captured.__setitem__("resid", i[0].float()))]
+    hooks = [tower.embed.register_forward_hook(lambda m, i, o: captured.__setitem__("embed", o[:, 0].float())),
+             ln_post.register_forward_hook(lambda m, i, o: captured.__setitem__("resid", i[0].float()))]
     for i, (block, reader) in enumerate(zip(blocks, readers)):
-        hooks += [block.ln_1.register_forward_hook(lambda m, inp, out, r=reader: r.read(out)),
-                  block.ls_1.register_forward_hook(lambda m, inp, out, i=i: captured.__setitem__(f"attn{i}", out[:, 0].float())),
-                  block.ls_2.register_forward_hook(lambda m, inp, out, i=i: captured.__setitem__(f"mlp{i}", out[:, 0].float()))]
+        hooks += [block.attn_input.register_forward_hook(lambda m, inp, out, r=reader: r.read(out)),
+                  block.attn_write.register_forward_hook(
+                      lambda m, inp, out, i=i: captured.__setitem__(f"attn{i}", out[:, 0].float())),
+                  block.mlp_write.register_forward_hook(
+                      lambda m, inp, out, i=i: captured.__setitem__(f"mlp{i}", out[:, 0].float()))]
     try:
-        y = clip.encode_image(images.to(visual.conv1.weight.dtype)).float()
+        y = tower.features(images).float()
     finally:
         for hook in hooks:
             hook.remove()
 
     resid = captured["resid"]
-    resid = resid[:, 0] if resid.ndim == 3 else resid  # final_ln_after_pool models see the pooled token
+    resid = resid[:, 0] if resid.ndim == 3 else resid  # towers that normalise every token before pooling
     mu = resid.mean(-1)
-    sigma = torch.sqrt(resid.var(-1, unbiased=False) + visual.ln_post.eps)
+    sigma = torch.sqrt(resid.var(-1, unbiased=False) + ln_post.eps)
     offset = (beta @ proj)[None] - (mu / sigma)[:, None] * (gamma @ proj)[None]  # [B, d'] per unit of share
     norm = y.norm(dim=-1)
 
@@ -236,7 +203,7 @@ def decompose(model: nn.Module | ClipBundle, images: torch.Tensor, spatial: bool
         return (raw * scale + piece_share * offset.view(shape)) / norm.view(-1, *([1] * (raw.ndim - 1)))
 
     n_tokens = readers[0].n_tokens
-    n_heads = blocks[0].attn.num_heads
+    n_heads = tower.n_heads
     attns = torch.stack([finish(captured[f"attn{i}"] @ gamma_proj, share) for i in range(n_layers)], 1)
     mlps = torch.stack([finish(captured[f"mlp{i}"] @ gamma_proj, share) for i in range(n_layers)], 1)
     cls_to_cls = torch.stack([finish(r.cls_raw, share / (n_tokens * n_heads)) for r in readers], 1)
@@ -248,7 +215,7 @@ def decompose(model: nn.Module | ClipBundle, images: torch.Tensor, spatial: bool
         heads_tensor = attns.new_zeros((images.shape[0], 0) + ((n_tokens,) if spatial else ()) + (n_heads, attns.shape[-1]))
     return Decomposition(
         embedding=finish(captured["embed"] @ gamma_proj, share), attns=attns, mlps=mlps, heads=heads_tensor,
-        cls_to_cls=cls_to_cls, norm=norm, head_layers=head_layers, grid_size=tuple(visual.grid_size),
+        cls_to_cls=cls_to_cls, norm=norm, head_layers=head_layers, grid_size=tower.grid_size,
         spatial=spatial)
 
 
@@ -278,43 +245,40 @@ def _signature(params) -> tuple:
     return tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params if p is not None)
 
 
-def _output_maps(block: ResidualAttentionBlock, gamma_proj: torch.Tensor, final: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+def _output_maps(block: Block, weights: AttentionWeights, gamma_proj: torch.Tensor,
+                 final: tuple) -> tuple[torch.Tensor, torch.Tensor]:
     """``out_map`` [H, Dh, d'] and ``bias_raw`` [d'] of a block, cached until its weights change.
 
     ``out_map[h] = (W_O^h)^T * layer_scale @ (gamma * proj)`` maps a head's value to output space; it
     costs as much as a good part of a forward pass on large models, so it is computed once per model.
     """
-    attn = block.attn
-    key = _signature([attn.out_proj.weight, attn.out_proj.bias, *block.ls_1.parameters()]) + final
-    cached = _OUTPUT_MAPS.get(block)
+    key = _signature(list(block.module.parameters())) + final
+    cached = _OUTPUT_MAPS.get(block.module)
     if cached is not None and cached[0] == key:
         return cached[1], cached[2]
     f32 = dict(dtype=torch.float32, device=gamma_proj.device)
-    width, n_heads = attn.embed_dim, attn.num_heads
-    layer_scale = block.ls_1(torch.ones(width, dtype=attn.out_proj.weight.dtype, device=gamma_proj.device)).to(**f32)
-    out_weight = attn.out_proj.weight.to(**f32)  # [W_out, H * Dh]
-    out_map = (out_weight.T * layer_scale[None]).view(n_heads, width // n_heads, width) @ gamma_proj
-    bias = attn.out_proj.bias.to(**f32) if attn.out_proj.bias is not None else torch.zeros(width, **f32)
-    bias_raw = (bias * layer_scale) @ gamma_proj  # the whole output bias of the layer
-    _OUTPUT_MAPS[block] = (key, out_map, bias_raw)
+    layer_scale = weights.layer_scale.to(**f32)
+    out_weight = weights.out.to(**f32)  # [W_out, H * Dh]
+    per_head = (out_weight.T * layer_scale[None]).unflatten(0, (weights.n_heads, weights.head_dim))
+    out_map = per_head @ gamma_proj
+    bias_raw = (weights.out_bias.to(**f32) * layer_scale) @ gamma_proj  # the whole output bias of the layer
+    _OUTPUT_MAPS[block.module] = (key, out_map, bias_raw)
     return out_map, bias_raw
 
 
 class _HeadReader:
-    """Recomputes one block's CLS attention row from ``ln_1``'s output and forms per-head raw terms.
+    """Recomputes one block's CLS attention row from its attention input and forms per-head raw terms.
 
     "Raw" terms are ``x @ (gamma * proj)`` before the frozen-LayerNorm scaling done in :func:`decompose`.
     """
 
-    def __init__(self, block: ResidualAttentionBlock, gamma_proj: torch.Tensor, final: tuple, spatial: bool,
-                 detail: bool):
-        attn = block.attn
+    def __init__(self, block: Block, gamma_proj: torch.Tensor, final: tuple, spatial: bool, detail: bool):
+        weights = block.weights()
         f32 = dict(dtype=torch.float32, device=gamma_proj.device)
-        width, self.n_heads = attn.embed_dim, attn.num_heads
-        self.head_dim = width // self.n_heads
-        self.w_q, self.w_k, self.w_v = attn.in_proj_weight.to(**f32).chunk(3)
-        self.b_q, _, self.b_v = attn.in_proj_bias.to(**f32).chunk(3)  # the key bias cancels in the softmax
-        self.out_map, self.bias_raw = _output_maps(block, gamma_proj, final)
+        self.n_heads, self.head_dim, self.scale = weights.n_heads, weights.head_dim, weights.scale
+        self.w_q, self.w_k, self.w_v = (w.to(**f32) for w in (weights.q, weights.k, weights.v))
+        self.b_q, self.b_v = weights.q_bias.to(**f32), weights.v_bias.to(**f32)  # b_K cancels in the softmax
+        self.out_map, self.bias_raw = _output_maps(block, weights, gamma_proj, final)
         self.spatial, self.detail = spatial, detail
         self.n_tokens = 0
 
@@ -322,13 +286,13 @@ class _HeadReader:
         return x.view(*x.shape[:-1], self.n_heads, self.head_dim)
 
     def read(self, u: torch.Tensor) -> None:
-        u = u.float()  # [B, N, W] = ln_1(x): the attention input
+        u = u.float()  # [B, N, W]: the attention input
         self.n_tokens = n = u.shape[1]
         query = self._heads(u[:, 0] @ self.w_q.T + self.b_q)                      # [B, H, Dh]
         # q . (W_K u_i + b_K) = (W_K^T q) . u_i + const: fold the query into the key weights instead of
         # computing every key (O(N W H) instead of O(N W^2)); the constant cancels in the softmax.
         folded = torch.einsum("bhd,hdw->bhw", query, self.w_k.view(self.n_heads, self.head_dim, -1))
-        alpha = torch.einsum("bhw,bnw->bhn", folded, u).mul(self.head_dim ** -0.5).softmax(-1)
+        alpha = torch.einsum("bhw,bnw->bhn", folded, u).mul(self.scale).softmax(-1)
         bias_share = self.bias_raw / (n * self.n_heads)
         cls_value = self._heads(u[:, 0] @ self.w_v.T + self.b_v)                  # [B, H, Dh]
         self.cls_raw = torch.einsum("bh,bhd,hde->bhe", alpha[..., 0], cls_value, self.out_map) + bias_share

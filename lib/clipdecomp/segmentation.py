@@ -24,11 +24,10 @@ upsampled bilinearly to the image size, clipped below 0 and min-max normalised p
   relevance of the first paper is replaced by the attention itself, as in the follow-up.
 
 The baselines need every layer's attention probabilities and their gradients, which open_clip's
-``nn.MultiheadAttention`` does not return. :func:`trace_vision` therefore re-runs the image tower from
-its own modules and parameters (conv1, embeddings, ``ln_pre``, each block's ``ln_1``, ``in_proj``,
-``out_proj``, ``ls_1``, ``ln_2``, ``mlp``, ``ls_2``, then ``ln_post`` and ``proj``), computing attention
-explicitly; its output equals ``model.encode_image`` (a test checks it to 1e-5). The model is not
-modified.
+``nn.MultiheadAttention`` does not return. :func:`trace_vision` therefore runs the unmodified tower with
+forward hooks (the modules :mod:`clipdecomp.towers` names) that replace what each attention layer writes
+by the same value recomputed explicitly from the layer's input and parameters, so the probabilities are
+part of the autograd graph; its output equals ``model.encode_image`` (a test checks it to 1e-5).
 """
 from __future__ import annotations
 
@@ -38,11 +37,11 @@ from typing import Callable, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from open_clip.transformer import VisionTransformer
 
-from .decomposition import decompose, vision_tower
+from .decomposition import decompose
 from .loading import ClipBundle
 from .seg_metrics import normalise
+from .towers import attention, vision_tower
 
 __all__ = ["METHODS", "PASS_BYTES", "Trace", "chefer", "decomposition", "gradcam", "predict", "raw_attention",
            "rollout", "segment", "to_pixels", "trace_vision"]
@@ -72,17 +71,6 @@ def _clip_model(model: nn.Module | ClipBundle) -> nn.Module:
     return model.model if isinstance(model, ClipBundle) else model
 
 
-def _check_batch(images: torch.Tensor, visual: VisionTransformer) -> torch.Tensor:
-    size = tuple(visual.image_size)
-    if not isinstance(images, torch.Tensor) or images.ndim != 4 or tuple(images.shape[1:]) != (3, *size):
-        shape = list(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
-        raise ValueError(f"images must be a preprocessed tensor [B, 3, {size[0]}, {size[1]}], got {shape}; "
-                         "apply the bundle's preprocess to each image and torch.stack them.")
-    if not images.is_floating_point():
-        raise TypeError(f"images must be float (normalised by the preprocess), got {images.dtype}.")
-    return images.to(device=visual.conv1.weight.device, dtype=visual.conv1.weight.dtype)
-
-
 def _check_classifier(classifier: torch.Tensor, width: int) -> None:
     if not isinstance(classifier, torch.Tensor) or classifier.ndim != 2 or classifier.shape[0] != width:
         shape = list(classifier.shape) if isinstance(classifier, torch.Tensor) else type(classifier).__name__
@@ -90,37 +78,36 @@ def _check_classifier(classifier: torch.Tensor, width: int) -> None:
                          f"got {shape}.")
 
 
-def _attention(attn: nn.MultiheadAttention, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Self-attention of ``u`` [B, N, W] from the module's parameters: (output [B, N, W], probs [B, H, N, N])."""
-    batch, n_tokens, width = u.shape
-    heads = attn.num_heads
-    q, k, v = F.linear(u, attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
-    q, k, v = (t.reshape(batch, n_tokens, heads, width // heads).transpose(1, 2) for t in (q, k, v))
-    probs = (q @ k.transpose(-1, -2) * (width // heads) ** -0.5).softmax(-1)
-    mixed = (probs @ v).transpose(1, 2).reshape(batch, n_tokens, width)
-    return attn.out_proj(mixed), probs
-
-
 def trace_vision(model: nn.Module | ClipBundle, images: torch.Tensor) -> Trace:
-    """Run the image tower from its modules, keeping every layer's attention probabilities.
+    """Run the image tower with every layer's attention recomputed explicitly, keeping the probabilities.
 
     Gradients flow if the caller has them enabled (the baselines take gradients w.r.t. ``attentions``).
     """
-    visual = vision_tower(_clip_model(model))
-    x = _check_batch(images, visual)
-    x = visual.conv1(x).flatten(2).transpose(1, 2)                             # [B, grid cells, W]
-    cls = visual.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
-    x = visual.patch_dropout(torch.cat([cls, x], dim=1) + visual.positional_embedding.to(x.dtype))
-    x = visual.ln_pre(x)
-    attentions = []
-    for block in visual.transformer.resblocks:
-        u = block.ln_1(x)
-        out, probs = _attention(block.attn, u)
-        attentions.append(probs)
-        x = x + block.ls_1(out)
-        x = x + block.ls_2(block.mlp(block.ln_2(x)))
-    features = visual.ln_post(x[:, 0]) @ visual.proj                            # LayerNorm is per token
-    return Trace(features=features, attentions=attentions, last_input=u)
+    tower = vision_tower(model)
+    images = tower.check_images(images)
+    inputs: dict[int, torch.Tensor] = {}
+    attentions: list[torch.Tensor] = []
+
+    def keep_input(index: int):
+        return lambda module, args, out: inputs.__setitem__(index, out)
+
+    def recompute(index: int):
+        def hook(module, args, out):
+            weights = tower.blocks[index].weights()
+            mixed, probs = attention(weights, inputs[index])
+            attentions.append(probs)
+            return weights.write(mixed)
+        return hook
+
+    hooks = [h for i, block in enumerate(tower.blocks)
+             for h in (block.attn_input.register_forward_hook(keep_input(i)),
+                       block.attn_write.register_forward_hook(recompute(i)))]
+    try:
+        features = tower.features(images)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return Trace(features=features, attentions=attentions, last_input=inputs[tower.n_layers - 1])
 
 
 def _logits(features: torch.Tensor, classifier: torch.Tensor, model: nn.Module) -> torch.Tensor:
@@ -132,7 +119,7 @@ def _logits(features: torch.Tensor, classifier: torch.Tensor, model: nn.Module) 
 def predict(model: nn.Module | ClipBundle, images: torch.Tensor, classifier: torch.Tensor) -> torch.Tensor:
     """[B] the zero-shot predicted class of each image (argmax over the classifier's columns)."""
     clip = _clip_model(model)
-    _check_classifier(classifier, vision_tower(clip).proj.shape[1])
+    _check_classifier(classifier, vision_tower(clip).output_dim)
     with torch.no_grad():
         return _logits(trace_vision(clip, images).features, classifier, clip).argmax(-1)
 
@@ -152,11 +139,10 @@ def decomposition(model: nn.Module | ClipBundle, images: torch.Tensor, classifie
     as keep that tensor under :data:`PASS_BYTES` (all of them for small models).
     """
     clip = _clip_model(model)
-    visual = vision_tower(clip)
-    _check_classifier(classifier, visual.proj.shape[1])
-    blocks = visual.transformer.resblocks
-    n_layers, n_tokens = len(blocks), visual.grid_size[0] * visual.grid_size[1] + 1
-    per_layer = images.shape[0] * n_tokens * blocks[0].attn.num_heads * visual.proj.shape[1] * 4
+    tower = vision_tower(clip)
+    _check_classifier(classifier, tower.output_dim)
+    n_layers = tower.n_layers
+    per_layer = images.shape[0] * tower.n_tokens * tower.n_heads * tower.output_dim * 4
     step = layers_per_pass or max(1, min(n_layers, PASS_BYTES // per_layer))
     contrast = classifier.float() - classifier.float().mean(1, keepdim=True)     # class minus the mean class
     scores, directions = 0.0, None
@@ -166,30 +152,28 @@ def decomposition(model: nn.Module | ClipBundle, images: torch.Tensor, classifie
             directions = contrast.to(parts.heads.device)[:, (parts.total() @ classifier.to(parts.heads)).argmax(-1)].T
         patches = parts.heads[:, :, 1:].sum((1, 3))                              # [B, N-1, d'], CLS key dropped
         scores = scores + torch.einsum("bnd,bd->bn", patches, directions)
-    return to_pixels(scores, visual.grid_size, images.shape[-2:])
+    return to_pixels(scores, tower.grid_size, images.shape[-2:])
 
 
 @torch.no_grad()
 def raw_attention(model: nn.Module | ClipBundle, images: torch.Tensor,
                   classifier: torch.Tensor | None = None) -> torch.Tensor:
     """Last layer's CLS-to-patch attention, heads averaged ([B, H, W]); ``classifier`` is not used."""
-    visual = vision_tower(_clip_model(model))
     last = trace_vision(model, images).attentions[-1].float()
-    return to_pixels(last.mean(1)[:, 0, 1:], visual.grid_size, images.shape[-2:])
+    return to_pixels(last.mean(1)[:, 0, 1:], vision_tower(model).grid_size, images.shape[-2:])
 
 
 @torch.no_grad()
 def rollout(model: nn.Module | ClipBundle, images: torch.Tensor,
             classifier: torch.Tensor | None = None) -> torch.Tensor:
     """Attention rollout over all layers, CLS row ([B, H, W]); ``classifier`` is not used."""
-    visual = vision_tower(_clip_model(model))
     attentions = trace_vision(model, images).attentions
     eye = torch.eye(attentions[0].shape[-1], device=attentions[0].device)
     joint = eye
     for probs in attentions:
         mixed = probs.float().mean(1) + eye                                      # the residual keeps the token
         joint = (mixed / mixed.sum(-1, keepdim=True)) @ joint
-    return to_pixels(joint[:, 0, 1:], visual.grid_size, images.shape[-2:])
+    return to_pixels(joint[:, 0, 1:], vision_tower(model).grid_size, images.shape[-2:])
 
 
 def _predicted_logit(clip: nn.Module, trace: Trace, classifier: torch.Tensor) -> torch.Tensor:
@@ -201,22 +185,22 @@ def _predicted_logit(clip: nn.Module, trace: Trace, classifier: torch.Tensor) ->
 def gradcam(model: nn.Module | ClipBundle, images: torch.Tensor, classifier: torch.Tensor) -> torch.Tensor:
     """Grad-CAM on the last block's input tokens for the predicted class's logit ([B, H, W])."""
     clip = _clip_model(model)
-    visual = vision_tower(clip)
-    _check_classifier(classifier, visual.proj.shape[1])
+    tower = vision_tower(clip)
+    _check_classifier(classifier, tower.output_dim)
     with torch.enable_grad():
         trace = trace_vision(clip, images.detach().requires_grad_())  # a graph even if weights are frozen
         grad, = torch.autograd.grad(_predicted_logit(clip, trace, classifier), trace.last_input)
     tokens, grad = trace.last_input.detach().float()[:, 1:], grad.float()[:, 1:]
     weights = grad.mean(1, keepdim=True)                                        # [B, 1, W] per-channel weight
     cam = (tokens * weights).sum(-1).clamp_min(0)
-    return to_pixels(cam, visual.grid_size, images.shape[-2:])
+    return to_pixels(cam, tower.grid_size, images.shape[-2:])
 
 
 def chefer(model: nn.Module | ClipBundle, images: torch.Tensor, classifier: torch.Tensor) -> torch.Tensor:
     """Gradient-weighted attention relevance of Chefer et al. (2021), CLS row ([B, H, W])."""
     clip = _clip_model(model)
-    visual = vision_tower(clip)
-    _check_classifier(classifier, visual.proj.shape[1])
+    tower = vision_tower(clip)
+    _check_classifier(classifier, tower.output_dim)
     with torch.enable_grad():
         trace = trace_vision(clip, images.detach().requires_grad_())
         grads = torch.autograd.grad(_predicted_logit(clip, trace, classifier), trace.attentions)
@@ -224,7 +208,7 @@ def chefer(model: nn.Module | ClipBundle, images: torch.Tensor, classifier: torc
     for probs, grad in zip(trace.attentions, grads):
         weighted = (grad.float() * probs.detach().float()).clamp_min(0).mean(1)   # [B, N, N]
         relevance = relevance + weighted @ relevance
-    return to_pixels(relevance[:, 0, 1:], visual.grid_size, images.shape[-2:])
+    return to_pixels(relevance[:, 0, 1:], tower.grid_size, images.shape[-2:])
 
 
 METHODS: dict[str, Method] = {
@@ -244,6 +228,6 @@ def segment(method: Method | str, model: nn.Module | ClipBundle, images: torch.T
         if method not in METHODS:
             raise KeyError(f"Unknown method {method!r}; choose one of {list(METHODS)}.")
         method = METHODS[method]
-    device = _clip_model(model).visual.conv1.weight.device
+    device = vision_tower(model).weight.device
     return torch.cat([method(model, chunk.to(device), classifier.to(device)).cpu()
                       for chunk in images.split(batch_size)])
