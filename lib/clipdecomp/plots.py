@@ -13,7 +13,7 @@ import numpy as np
 
 from .spurious import GroupReport, SpuriousComparison, SpuriousTask
 
-__all__ = ["image_strip", "head_choice", "cue_and_label", "group_bars"]
+__all__ = ["image_strip", "head_choice", "cue_and_label", "group_bars", "reconstruction_curve", "explained_variance"]
 
 
 def image_strip(images: np.ndarray | Sequence[np.ndarray], titles: Sequence[str] = (), size: float = 1.5) -> plt.Figure:
@@ -82,3 +82,32 @@ def group_bars(reports: dict[str, GroupReport], group_names: Sequence[str]) -> p
     ax.set_title("Per-group accuracy with 95% bootstrap intervals")
     return fig
 
+
+
+def reconstruction_curve(curve: "pd.DataFrame", intact: float) -> plt.Figure:  # noqa: F821
+    """Mean zero-shot accuracy against the number of texts per head, one line per pool."""
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for pool in curve:
+        ax.plot(curve.index, 100 * curve[pool], marker="o", label=pool, ls="--" if pool == "random" else "-")
+    ax.axhline(100 * intact, color="black", lw=1, ls=":", label="heads intact")
+    ax.set_xlabel("texts per head (m)")
+    ax.set_ylabel("mean zero-shot accuracy (%)")
+    ax.set_title("Heads of the last layers replaced by their TEXT SPAN reconstruction")
+    ax.legend(fontsize=8)
+    return fig
+
+
+def explained_variance(spans_by_pool: dict) -> plt.Figure:
+    """Mean over heads of the variance explained by the first k texts, one line per pool."""
+    import torch
+
+    fig, ax = plt.subplots(figsize=(6, 3.4))
+    for pool, results in spans_by_pool.items():
+        steps = min(len(r.cumulative_explained) for r in results.values())
+        mean_curve = torch.stack([r.cumulative_explained[:steps] for r in results.values()]).mean(0)
+        ax.plot(range(1, steps + 1), 100 * mean_curve.numpy(), label=pool, ls="--" if pool == "random" else "-")
+    ax.set_xlabel("texts picked")
+    ax.set_ylabel("variance explained (%)")
+    ax.set_title("Mean over heads")
+    ax.legend(fontsize=8)
+    return fig

@@ -34,13 +34,14 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 
 from .decomposition import Decomposition
 
-__all__ = ["TextSpanResult", "text_span", "text_span_heads", "text_span_reference"]
+__all__ = ["TextSpanResult", "describe_heads", "reconstruct_heads", "reconstruction_curve", "text_span", "text_span_heads",
+           "text_span_reference"]
 
 STOP_RTOL = 1e-9
 """A step stops the search when the best score is below ``STOP_RTOL`` times the first step's score:
@@ -307,3 +308,64 @@ def text_span_reference(head_outputs: torch.Tensor, text_embeddings: torch.Tenso
                           explained=variance / total_variance, total_variance=total_variance,
                           directions=torch.stack(units), mean=mean[0], rank=vh.shape[0],
                           reconstruction=reconstruction.to(head_outputs.dtype))
+
+
+def _outside_heads(parts: Decomposition, means: Decomposition) -> torch.Tensor:
+    """[B, d'] embedding term and MLPs of ``parts`` plus the means of the attention layers without head detail."""
+    embedding = parts.embedding + parts.mlps.sum(1)
+    for layer in range(parts.n_layers):
+        if layer not in parts.head_layers:
+            embedding = embedding + means.attns[:, layer].mean(0).to(embedding)
+    return embedding
+
+
+def reconstruct_heads(parts: Decomposition, spans: Mapping[str, TextSpanResult], m: int,
+                      means: Decomposition) -> torch.Tensor:
+    """[B, d'] embeddings with every head replaced by its TEXT SPAN reconstruction from ``m`` texts.
+
+    The paper's test of a description: every head of ``parts.head_layers`` becomes its mean plus its
+    projection on the span of its first ``m`` texts (``m = 0``: its mean alone), every other
+    attention layer is mean-ablated, and the embedding term and MLPs are kept. The means come from
+    ``means`` (the images TEXT SPAN was fitted on), so ``parts`` can be a held-out set.
+    """
+    if m < 0:
+        raise ValueError(f"m must be >= 0 texts, got {m}.")
+    missing = [f"L{layer}H{h}" for layer in parts.head_layers for h in range(parts.n_heads)
+               if f"L{layer}H{h}" not in spans]
+    if missing:
+        raise KeyError(f"No TEXT SPAN result for {missing[:4]}: run text_span_heads on the same layers.")
+    embedding = _outside_heads(parts, means)
+    head_terms = parts.head_terms()
+    for i, layer in enumerate(parts.head_layers):
+        for h in range(parts.n_heads):
+            embedding = embedding + spans[f"L{layer}H{h}"].project(head_terms[:, i, h], m=m)
+    return embedding
+
+
+def reconstruction_curve(parts: Decomposition, means: Decomposition,
+                         spans_by_pool: Mapping[str, Mapping[str, TextSpanResult]], ms: Sequence[int],
+                         score: Callable[[torch.Tensor], float]) -> tuple[float, "pd.DataFrame"]:  # noqa: F821
+    """Score of the heads intact (other attention layers mean-ablated) and of their reconstructions.
+
+    Returns ``(intact, curve)``: ``curve`` has one row per ``m`` and one column per pool, each entry
+    ``score(reconstruct_heads(parts, spans, m, means))`` (e.g. ``EvaluationSet.mean_accuracy``).
+    """
+    import pandas as pd
+
+    intact = score(_outside_heads(parts, means) + parts.head_terms().sum((1, 2)))
+    curve = pd.DataFrame({pool: [score(reconstruct_heads(parts, spans, m, means)) for m in ms]
+                          for pool, spans in spans_by_pool.items()}, index=pd.Index(list(ms), name="m"))
+    return intact, curve
+
+
+def describe_heads(spans: Mapping[str, TextSpanResult], pool: Sequence[str], first: int = 5) -> "pd.DataFrame":  # noqa: F821
+    """One row per head: its first texts and the share of its variance they (and all picks) explain."""
+    import pandas as pd
+
+    rows = {}
+    for label, span in spans.items():
+        explained = span.cumulative_explained
+        rows[label] = {f"first {first} texts": " | ".join(span.texts(pool)[:first]),
+                       f"explained by {first}": f"{explained[min(first, len(explained)) - 1].item():.0%}",
+                       "explained by all": f"{explained[-1].item():.0%} ({len(explained)} texts)"}
+    return pd.DataFrame(rows).T

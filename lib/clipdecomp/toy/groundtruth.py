@@ -38,7 +38,8 @@ import torch
 from ..loading import toy_model_dir
 from .world import ATTRIBUTES
 
-__all__ = ["ROLE_ATTRIBUTES", "HeadScores", "variance_explained", "head_scores", "random_twin", "named_attribute"]
+__all__ = ["ROLE_ATTRIBUTES", "HeadScores", "RoleAgreement", "variance_explained", "head_scores", "random_twin",
+           "named_attribute", "text_span_agreement"]
 
 ROLE_ATTRIBUTES = ("shape", "colour", "position", "size", "background")
 """The attributes a head's role is chosen from."""
@@ -147,3 +148,64 @@ def named_attribute(texts: Sequence[str]) -> str | None:
     """The attribute that ``texts`` name most often by the toy world's value words (ties: first text wins)."""
     named = [a for text in texts for a, words in _VOCABULARY.items() if any(w.search(text) for w in words)]
     return Counter(named).most_common(1)[0][0] if named else None
+
+
+@dataclass
+class RoleAgreement:
+    """TEXT SPAN's description of each head next to the head's ground-truth role (:func:`text_span_agreement`).
+
+    Attributes:
+        scores: the trained model's head scores; ``twin``: the same for its random-init twin.
+        table: one row per head: its role (or "—"), its top score, the attribute its first texts name,
+            the texts, and ✓/✗ where the head has a role.
+    """
+
+    scores: HeadScores
+    twin: HeadScores
+    table: "pd.DataFrame"  # noqa: F821
+
+    @property
+    def with_role(self) -> int:
+        """How many heads have a clear role."""
+        return int((self.table["role"] != "—").sum())
+
+    @property
+    def agree(self) -> int:
+        """How many of those heads TEXT SPAN names correctly."""
+        return int((self.table["agree"] == "✓").sum())
+
+
+def text_span_agreement(bundle, images, parts, spans, pool: Sequence[str], first: int = 3,
+                        min_score: float = 0.4, margin: float = 2.0) -> RoleAgreement | None:
+    """Compare each head's TEXT SPAN texts with its ground-truth role, on toy-world images.
+
+    Args:
+        bundle: the model (its random-init twin is built from ``bundle.spec``).
+        images: the :class:`~clipdecomp.evaluation.EvaluationSet` the spans were fitted on.
+        parts: its decomposition (with head detail), ``spans``: ``text_span_heads`` results by head label,
+            ``pool``: the texts the spans index.
+        first: how many of each head's first texts vote on the attribute they name.
+
+    Returns ``None`` for images without ground truth (anything but the toy world).
+    """
+    import pandas as pd
+
+    from ..decomposition import decompose_batches
+
+    samples = getattr(images.dataset, "samples", None)
+    if samples is None:
+        return None
+    attributes = {name: values[images.indices] for name, values in samples.attributes.items()}
+    scores = head_scores(parts.head_terms(), attributes, parts.head_layers)
+    pixels = torch.stack([images.dataset.image(int(i)) for i in images.indices])
+    twin_parts = decompose_batches(random_twin(bundle.spec), pixels, layers=parts.head_layers)
+    twin = head_scores(twin_parts.head_terms(), attributes, parts.head_layers)
+    rows = {}
+    for label, role in scores.roles(min_score, margin).items():
+        texts = spans[label].texts(pool)[:first]
+        named = named_attribute(texts)
+        top = scores.table().loc[label]
+        rows[label] = {"role": role or "—", "top score": f"{top.max():.2f} ({top.idxmax()})",
+                       "TEXT SPAN names": named or "—", "first texts": " | ".join(texts),
+                       "agree": ("✓" if named == role else "✗") if role else ""}
+    return RoleAgreement(scores, twin, pd.DataFrame(rows).T)
