@@ -72,5 +72,5 @@ def test_random_directions_are_seeded_unit_vectors():
     assert torch.equal(a, random_directions(500, 64, seed=3))
     assert not torch.equal(a, random_directions(500, 64, seed=4))
     assert abs(float(a.mean())) < 0.01          # no preferred direction
-    with pytest.raises(ValueError, match="n >= 1"):
+    with pytest.raises(ValueError, match="n must be an integer >= 1"):
         random_directions(0, 64)

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import os
 import re
 import warnings
@@ -40,6 +41,8 @@ import numpy as np
 import torch
 from PIL import Image
 from tqdm.auto import tqdm
+
+from .checks import check_int, check_texts_list, read_utf8
 
 __all__ = ["DecomposableDataset", "ImageFolderDataset", "WaterbirdsDataset", "ToyDataset", "load_rgb",
            "describe_transform", "IMAGE_EXTENSIONS",
@@ -131,6 +134,11 @@ def _check_files(root: Path, relpaths: list[str], strict: bool, progress: bool) 
                              "strict=False to skip unreadable files.")
         else:
             skipped.append((rel, reason))
+    if not kept:
+        examples = "; ".join(f"{rel}: {reason}" for rel, reason in skipped[:3])
+        raise ValueError(f"None of the {len(relpaths)} image files under {root} can be read ({examples}"
+                         f"{' ...' if len(skipped) > 3 else ''}). Check that they are whole image files (not partial "
+                         "downloads or Git LFS pointers) and that PIL can open them.")
     if skipped:
         names = ", ".join(rel for rel, _ in skipped[:10]) + (" ..." if len(skipped) > 10 else "")
         warnings.warn(f"Skipped {len(skipped)} unreadable image file(s) under {root}: {names}. See the dataset's "
@@ -163,8 +171,22 @@ class _FileDataset(torch.utils.data.Dataset):
     labels: dict[str, np.ndarray]
     skipped: list[tuple[str, str]]
 
-    def __init__(self, root: Path, preprocess: Callable[[Image.Image], torch.Tensor]):
-        self.root, self.preprocess = root, preprocess
+    def __init__(self, root: str | Path, preprocess: Callable[[Image.Image], torch.Tensor], what: str, how: str,
+                 strict: bool, progress: bool):
+        """Check the arguments shared by file datasets; ``what``/``how`` name the dataset and its layout."""
+        if not isinstance(root, (str, os.PathLike)) or not str(root):
+            raise TypeError(f"root must be the path of the {what}, got {root!r}.")
+        if not callable(preprocess):
+            raise TypeError(f"preprocess must turn a PIL image into a tensor (e.g. bundle.preprocess), got "
+                            f"{preprocess!r}.")
+        for name, flag in (("strict", strict), ("progress", progress)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name} must be True or False, got {flag!r}.")
+        self.root, self.preprocess = Path(root).expanduser().resolve(), preprocess
+        if not self.root.exists():
+            raise FileNotFoundError(f"{what.capitalize()} {self.root} does not exist. {how}")
+        if not self.root.is_dir():
+            raise NotADirectoryError(f"{self.root} is a file, not a folder: give the {what} itself. {how}")
 
     def _keep_readable(self, strict: bool, progress: bool) -> None:
         kept, self.skipped = _check_files(self.root, self.relpaths, strict, progress)
@@ -213,15 +235,13 @@ class ImageFolderDataset(_FileDataset):
 
     def __init__(self, root: str | Path, preprocess: Callable[[Image.Image], torch.Tensor], *,
                  classes: Sequence[str] | None = None, strict: bool = False, progress: bool = True):
-        super().__init__(Path(root).expanduser().resolve(), preprocess)
-        if not self.root.is_dir():
-            raise FileNotFoundError(f"Image folder {self.root} does not exist. {IMAGEFOLDER_LAYOUT}")
+        super().__init__(root, preprocess, "image folder", IMAGEFOLDER_LAYOUT, strict, progress)
         folders = sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
         if not folders:
             loose = [p.name for p in self.root.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS]
             found = f"found {len(loose)} images directly in it but no class folders" if loose else "it has no class folders"
             raise ValueError(f"{self.root} is not an image-folder dataset: {found}. {IMAGEFOLDER_LAYOUT}")
-        self.classes = list(folders if classes is None else classes)
+        self.classes = folders if classes is None else check_texts_list("classes", classes)
         if len(set(self.classes)) != len(self.classes):
             raise ValueError("classes contains duplicate names; give each class folder once, in class-index order.")
         unknown = sorted(set(folders) - set(self.classes))
@@ -271,13 +291,11 @@ class WaterbirdsDataset(_FileDataset):
 
     def __init__(self, root: str | Path, preprocess: Callable[[Image.Image], torch.Tensor],
                  split: Literal["train", "val", "test", "all"] = "test", *, strict: bool = False, progress: bool = True):
-        super().__init__(Path(root).expanduser().resolve(), preprocess)
         if split != "all" and split not in self.SPLITS:
             raise ValueError(f"split must be 'train', 'val', 'test' or 'all', got {split!r}.")
+        super().__init__(root, preprocess, "Waterbirds folder", HOW_TO_GET_WATERBIRDS, strict, progress)
         self.split = split
         metadata = self.root / "metadata.csv"
-        if not self.root.is_dir():
-            raise FileNotFoundError(f"Waterbirds folder {self.root} does not exist. {HOW_TO_GET_WATERBIRDS}")
         if not metadata.is_file():
             raise FileNotFoundError(f"{metadata} is missing: {self.root} is not an extracted Waterbirds folder. "
                                     f"{HOW_TO_GET_WATERBIRDS}")
@@ -285,6 +303,11 @@ class WaterbirdsDataset(_FileDataset):
         wanted = [r for r in rows if split == "all" or r["split"] == self.SPLITS[split]]
         if not wanted:
             raise ValueError(f"{metadata} has no rows with split={split!r}. {HOW_TO_GET_WATERBIRDS}")
+        for row in wanted:  # metadata may only name files inside the dataset folder
+            target = (self.root / row["img_filename"]).resolve()
+            if target == self.root or not target.is_relative_to(self.root):
+                raise ValueError(f"{metadata} line {row['line']}: img_filename {row['img_filename']!r} points outside "
+                                 f"{self.root} (to {target}); every image must be a file inside the dataset folder.")
         missing = [r["img_filename"] for r in wanted if not (self.root / r["img_filename"]).is_file()]
         if missing:
             raise FileNotFoundError(f"{len(missing)} image(s) listed in {metadata} are missing, e.g. "
@@ -298,7 +321,7 @@ class WaterbirdsDataset(_FileDataset):
 
     @staticmethod
     def _read_metadata(path: Path) -> list[dict]:
-        with open(path, newline="") as handle:
+        with io.StringIO(read_utf8(path, "Waterbirds metadata file"), newline="") as handle:
             reader = csv.DictReader(handle)
             needed = {"img_filename", "y", "split", "place"}
             columns = set(reader.fieldnames or [])
@@ -315,7 +338,15 @@ class WaterbirdsDataset(_FileDataset):
                 if parsed["y"] not in (0, 1) or parsed["place"] not in (0, 1) or parsed["split"] not in (0, 1, 2):
                     raise ValueError(f"{path} line {line}: expected y, place in {{0, 1}} and split in {{0, 1, 2}}, "
                                      f"got {parsed}. {HOW_TO_GET_WATERBIRDS}")
-                rows.append({"img_filename": row["img_filename"], **parsed})
+                if not (row["img_filename"] or "").strip():
+                    raise ValueError(f"{path} line {line}: img_filename is empty. {HOW_TO_GET_WATERBIRDS}")
+                rows.append({"img_filename": row["img_filename"], "line": line, **parsed})
+        first_line: dict[str, int] = {}
+        for row in rows:
+            if row["img_filename"] in first_line:
+                raise ValueError(f"{path} lines {first_line[row['img_filename']]} and {row['line']} both list "
+                                 f"{row['img_filename']!r}: each image must appear once. {HOW_TO_GET_WATERBIRDS}")
+            first_line[row["img_filename"]] = row["line"]
         return rows
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int, int]:
@@ -346,10 +377,13 @@ class ToyDataset(torch.utils.data.Dataset):
                  split: str = "uniform", masks: bool = False):
         from . import toy
 
-        if preprocess is None:
+        if preprocess is None or not callable(preprocess):
             raise TypeError("ToyDataset needs preprocess=bundle.preprocess (PIL image -> [3, H, W] tensor).")
-        if n < 1:
-            raise ValueError(f"n must be a positive number of images, got {n}.")
+        n, seed = check_int("n", n, minimum=1), check_int("seed", seed, minimum=0)
+        if split not in toy.world.SPLITS:
+            raise ValueError(f"split must be one of {', '.join(map(repr, toy.world.SPLITS))}; got {split!r}.")
+        if not isinstance(masks, bool):
+            raise TypeError(f"masks must be True or False, got {masks!r}.")
         self.n, self.seed, self.split, self.preprocess, self.return_masks = n, seed, split, preprocess, masks
         self.samples = toy.sample(n, seed, split=split)
         attributes = {k: np.asarray(v, dtype=np.int64) for k, v in self.samples.attributes.items()}

@@ -20,6 +20,7 @@ recomputed from the block's own parameters.
 """
 from __future__ import annotations
 
+import numbers
 import weakref
 from dataclasses import dataclass, fields, replace
 from typing import Iterable, Literal, Sequence
@@ -130,13 +131,24 @@ class Decomposition:
 
 
 def _check_layers(layers: Iterable[int] | None, n_layers: int) -> tuple[int, ...]:
+    """Layer indices (negative ones count from the end) as sorted positions; wrong types, repeated
+    layers and layers out of range are refused, never rounded or dropped."""
     if layers is None:
         return tuple(range(n_layers))
-    chosen = tuple(sorted({int(l) % n_layers if -n_layers <= int(l) < 0 else int(l) for l in layers}))
-    bad = [l for l in chosen if not 0 <= l < n_layers]
+    if isinstance(layers, (str, bytes)) or not isinstance(layers, Iterable):
+        raise TypeError(f"layers must be a list of layer indices such as [9, 10, 11] or range(-4, 0), got {layers!r}.")
+    given = list(layers)
+    wrong = [l for l in given if isinstance(l, bool) or not isinstance(l, numbers.Integral)]
+    if wrong:
+        raise TypeError(f"layers must be integer layer indices, got {wrong[:3]!r}.")
+    bad = [int(l) for l in given if not -n_layers <= l < n_layers]
     if bad:
         raise IndexError(f"layers {bad} out of range: the model has {n_layers} layers (0..{n_layers - 1}).")
-    return chosen
+    chosen = [int(l) % n_layers for l in given]
+    if len(set(chosen)) != len(chosen):
+        raise ValueError(f"layers {[int(l) for l in given]} name a layer more than once (negative indices count "
+                         f"from the end of the {n_layers} layers).")
+    return tuple(sorted(chosen))
 
 
 @torch.no_grad()

@@ -155,10 +155,10 @@ def load(spec: str, device: str | torch.device = "cpu", *, checkpoint: str | Pat
             raise ValueError(f"{path} is a weights file: name its architecture too, e.g. "
                              f"load('ViT-B-16', checkpoint={str(path)!r}).")
         if not arch or "/" in spec or spec.startswith(("~", ".")):
+            read_as = f" ({arch!r} is not an open_clip architecture, so the spec was read as a path)" if arch else ""
             raise FileNotFoundError(
-                f"No model folder or checkpoint file at {path} (and {arch!r} is not an open_clip architecture, so "
-                "the spec was read as a path): check the path, or use 'toy', an architecture such as 'ViT-B-16' "
-                "or 'ARCH/PRETRAINED_TAG'.")
+                f"No model folder or checkpoint file at {path}{read_as}: check the path, or use 'toy', an "
+                "architecture such as 'ViT-B-16' or 'ARCH/PRETRAINED_TAG'.")
         raise ValueError(
             f"Unknown model spec {spec!r}: {arch!r} is not an open_clip architecture. Use 'toy', an "
             f"architecture such as 'ViT-B-16', 'ARCH/PRETRAINED_TAG' (see open_clip.list_pretrained()), "

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from .checks import check_int, read_utf8
 from .loading import toy_model_dir
 
 __all__ = ["POOL_NAMES", "load_pool", "pools_dir", "random_directions"]
@@ -38,8 +39,11 @@ def load_pool(name_or_path: str | Path) -> list[str]:
 
     Surrounding whitespace is stripped and blank lines are skipped. Repeated texts are dropped (the
     first copy is kept) with a warning, since TEXT SPAN would otherwise score two identical rows. A
-    missing file or one without any text raises an error.
+    missing file, a folder, a file that is not UTF-8 (named with its line) or one without any text
+    raises an error.
     """
+    if not isinstance(name_or_path, (str, Path)):
+        raise TypeError(f"load_pool takes a pool name {POOL_NAMES} or a file path, got {type(name_or_path).__name__}.")
     if str(name_or_path) in POOL_NAMES:
         path = pools_dir() / f"{name_or_path}.txt"
         if not path.is_file():
@@ -47,10 +51,13 @@ def load_pool(name_or_path: str | Path) -> list[str]:
                                     "`python data/pools/make_pools.py` (or restore data/pools from git).")
     else:
         path = Path(name_or_path).expanduser()
+        if path.is_dir():
+            raise IsADirectoryError(f"{path} is a folder; give one of {POOL_NAMES} or the path of a UTF-8 text "
+                                    "file with one text per line.")
         if not path.is_file():
             raise FileNotFoundError(f"No pool file at {path}; give one of {POOL_NAMES} or the path of a "
                                     "UTF-8 text file with one text per line.")
-    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    lines = [line.strip() for line in read_utf8(path, "text pool").splitlines()]
     texts = [line for line in lines if line]
     if not texts:
         raise ValueError(f"The pool file {path} holds no text: write one text per line.")
@@ -68,8 +75,8 @@ def random_directions(n: int, dim: int, seed: int = 0) -> torch.Tensor:
     The control pool: TEXT SPAN on random directions shows how much of a head any ``m`` directions
     would explain, against which the text pools are judged.
     """
-    if n < 1 or dim < 1:
-        raise ValueError(f"random_directions needs n >= 1 and dim >= 1; got n={n}, dim={dim}.")
+    n, dim = check_int("n", n, minimum=1), check_int("dim", dim, minimum=1)
+    seed = check_int("seed", seed, minimum=0)
     generator = torch.Generator().manual_seed(seed)
     vectors = torch.randn(n, dim, generator=generator, dtype=torch.float64)
     return torch.nn.functional.normalize(vectors, dim=1).float()

@@ -11,16 +11,18 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib.metadata import version
 from pathlib import Path
+from typing import Literal, Sequence
 
 import nbformat
 import yaml
 
+from ..checks import check_texts_list
 from .chapters import add_colab_link
 from .links import broken_internal_links
 from .vendor import vendor
 
-__all__ = ["PROFILES", "CHAPTER_PARAMETERS", "DATA_VARIABLES", "Run", "chapter_parameters", "repo_root", "toc_notebooks",
-           "execute_notebooks", "build_site"]
+__all__ = ["PROFILES", "CHAPTER_PARAMETERS", "DATA_VARIABLES", "DataVariable", "Run", "chapter_parameters", "repo_root",
+           "toc_notebooks", "select_chapters", "execute_notebooks", "build_site"]
 
 # Parameters injected into every notebook under each profile (only those a notebook declares).
 PROFILES: dict[str, dict[str, object]] = {
@@ -40,12 +42,24 @@ CHAPTER_PARAMETERS: dict[str, dict[str, dict[str, object]]] = {
     },
 }
 
+
+@dataclass(frozen=True)
+class DataVariable:
+    """What a dataset variable must point to: a ``folder`` (holding ``contains``, if given) or a ``file``."""
+
+    kind: Literal["folder", "file"]
+    holds: str
+    contains: str | None = None
+
+
 DATA_VARIABLES = {
-    "CLIPDECOMP_IMAGENET_VAL": "an ImageNet validation folder with one sub-folder per class named by wnid "
-                               "(n01440764/...), e.g. from image-net.org's ILSVRC2012 validation set",
-    "CLIPDECOMP_WATERBIRDS": "the extracted waterbird_complete95_forest2water2 folder of Sagawa et al. "
-                             "(see clipdecomp.datasets.HOW_TO_GET_WATERBIRDS)",
-    "CLIPDECOMP_IMAGENET_SEG": "the gtsegs_ijcv.mat file of ImageNet-segmentation (Guillaumin et al.)",
+    "CLIPDECOMP_IMAGENET_VAL": DataVariable("folder", "an ImageNet validation folder with one sub-folder per class "
+                                            "named by wnid (n01440764/...), e.g. from image-net.org's ILSVRC2012 "
+                                            "validation set"),
+    "CLIPDECOMP_WATERBIRDS": DataVariable("folder", "the extracted waterbird_complete95_forest2water2 folder of Sagawa "
+                                          "et al. (see clipdecomp.datasets.HOW_TO_GET_WATERBIRDS)", "metadata.csv"),
+    "CLIPDECOMP_IMAGENET_SEG": DataVariable("file", "the gtsegs_ijcv.mat file of ImageNet-segmentation "
+                                            "(Guillaumin et al.)"),
 }
 """Environment variables the ``paper`` profile reads dataset locations from."""
 
@@ -82,20 +96,39 @@ def _stage(root: Path, staging: Path) -> None:
         shutil.copytree(root / folder, staging / folder, ignore=shutil.ignore_patterns(".ipynb_checkpoints"))
 
 
-def execute_notebooks(profile: str = "cpu", root: Path | None = None, only: list[str] | None = None,
+def select_chapters(entries: Sequence[str], only: Sequence[str] | None) -> list[str]:
+    """The entries whose notebook name contains one of ``only`` (None: all of them).
+
+    An empty selection, an empty name, or a name that matches no chapter is an error listing the
+    chapters, never "run everything" or "run nothing".
+    """
+    if only is None:
+        return list(entries)
+    names = check_texts_list("only", only)
+    chapters = [Path(e).name for e in entries]
+    if not names or not all(name.strip() for name in names):
+        raise ValueError(f"only={names!r} selects no chapter by name: leave it out to execute every chapter, or name "
+                         f"some of {chapters} (substrings such as '02_' work).")
+    unmatched = [name for name in names if not any(name in chapter for chapter in chapters)]
+    if unmatched:
+        raise ValueError(f"only: {unmatched} match no chapter; the chapters are {chapters}.")
+    return [e for e, chapter in zip(entries, chapters) if any(name in chapter for name in names)]
+
+
+def execute_notebooks(profile: str = "cpu", root: Path | None = None, only: Sequence[str] | None = None,
                       staging: Path | None = None) -> list[Run]:
-    """Stage the book and execute its chapters with papermill under ``profile``.
+    """Stage the book and execute its chapters (all, or those :func:`select_chapters` picks) under ``profile``.
 
     A failing cell raises ``RuntimeError`` naming the notebook and the cell.
     """
     import papermill
 
-    if profile not in PROFILES:
+    if not isinstance(profile, str) or profile not in PROFILES:
         raise ValueError(f"Unknown profile {profile!r}; choose one of {sorted(PROFILES)}.")
     root = root or repo_root()
     staging = staging or root / "_build" / "src"
     entries = toc_notebooks(root)
-    chosen = [e for e in entries if not only or any(name in e for name in only)]
+    chosen = select_chapters(entries, only)
     _check_data_variables(profile, chosen)
     _stage(root, staging)
     runs = []
@@ -136,16 +169,32 @@ def chapter_parameters(profile: str, entry: str) -> dict[str, object]:
             for key, value in settings.items()}
 
 
+def _location_problem(name: str, where: str | None) -> str | None:
+    """Why the value of dataset variable ``name`` is unusable, or None."""
+    wanted = DATA_VARIABLES[name]
+    if not where:
+        return "is not set"
+    path = Path(where).expanduser()
+    if not path.exists():
+        return f"points to {where}, which does not exist"
+    if wanted.kind == "folder" and not path.is_dir():
+        return f"points to {where}, which is a file, not a folder"
+    if wanted.kind == "file" and not path.is_file():
+        return f"points to {where}, which is a folder, not a file"
+    if wanted.contains and not (path / wanted.contains).is_file():
+        return f"points to {where}, which holds no {wanted.contains}"
+    return None
+
+
 def _check_data_variables(profile: str, entries: list[str]) -> None:
-    """Fail before anything runs when a dataset location the profile needs is not set or does not exist."""
+    """Fail before anything runs when a dataset location the profile needs is unset, missing or the wrong kind."""
     problems = []
     for entry in entries:
         overrides = CHAPTER_PARAMETERS.get(profile, {}).get(Path(entry).name, {})
         for name in filter(None, map(_variable, overrides.values())):
-            where = os.environ.get(name)
-            if not where or not Path(where).expanduser().exists():
-                state = "is not set" if not where else f"points to {where}, which does not exist"
-                problems.append(f"{name} {state} ({Path(entry).name} needs {DATA_VARIABLES[name]})")
+            state = _location_problem(name, os.environ.get(name))
+            if state:
+                problems.append(f"{name} {state} ({Path(entry).name} needs {DATA_VARIABLES[name].holds})")
     if problems:
         raise FileNotFoundError(f"The {profile!r} profile reads real datasets, and " + "; ".join(dict.fromkeys(problems))
                                 + ". Set each variable to the dataset's location (or run one chapter with --only).")
