@@ -28,26 +28,42 @@ files opened with ``mmap_mode="r"``; :class:`ShardedArray` presents a field's sh
 Labels, dataset indices and per-image ids are saved in every shard beside the terms, never
 reconstructed from file order.
 
-Safety: a shard is written to a temporary folder and renamed into place, so a killed run leaves only
-whole shards; building again with the same arguments keeps them (after checking their ids) and
-computes the rest. A lock file (``fcntl.flock``, released by the OS even when a run is killed) makes a
-second concurrent build of the same folder fail at once with :class:`CacheLockedError`. The manifest
-stores a content key (model, weights, open_clip version, preprocessing, dataset, selection,
-reductions); building or opening with a different key raises :class:`StaleCacheError` naming what
-differs, so a stale cache is never read.
+Integrity: when a shard is written, ``manifest.json`` records its row count, first and last image id,
+and every file's size, shape, dtype and sha256. Every :meth:`~DecompositionCache.open` checks sizes,
+shapes, row counts and the checksums of the small files (ids, dataset indices, labels), so a
+truncated, swapped or duplicated shard is named instead of read; :meth:`~DecompositionCache.verify`
+(``python -m clipdecomp verify DIR``) re-hashes every file, which also finds values overwritten in
+place. A build that reuses shards verifies them fully first, and recomputes only the damaged ones:
+running the same build again is the repair.
+
+Safety: a shard is written to a temporary folder (``.shard_00003.clipdecomp-tmp-PID``) and renamed
+into place, so a killed run leaves only whole shards; building again with the same arguments keeps
+them and computes the rest. The builder writes only into a new folder, an empty one, or its own cache,
+and removes nothing but its own temporaries and the damaged shards it recomputes. A build that fails
+before its first shard leaves the folder as it found it. An exclusive ``flock`` on the folder itself
+(no lock file; released by the OS even when a run is killed, and never held by DataLoader workers)
+makes a second concurrent build fail at once with :class:`CacheLockedError`. A complete cache on
+read-only storage is reused without writing anything; a full disk or read-only storage during a build
+is one :class:`CacheStorageError` saying what, where and how much space was needed, and the cache
+stays resumable. The manifest stores a content key (model, weights, open_clip version, preprocessing,
+dataset, selection, reductions); building or opening with a different key raises
+:class:`StaleCacheError` naming what differs, so a stale cache is never read.
 
 Example:
     >>> data = ToyDataset(512, seed=1, preprocess=bundle.preprocess)
     >>> cache = DecompositionCache.build(bundle, data, "caches/toy", layers=range(-4, 0))
     >>> cache.heads.shape, cache.labels["shape"][:3]       # ((512, 4, H, d'), array([...]))
     >>> mean_heads = cache.mean("heads")                    # fp32 [4, H, d'], for mean-ablation
+    >>> cache.verify()                                      # re-hash every file (CorruptCacheError if damaged)
 """
 from __future__ import annotations
 
 import datetime
+import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import warnings
 from contextlib import contextmanager
@@ -59,9 +75,10 @@ import open_clip
 import torch
 from tqdm.auto import tqdm
 
+from .checks import check_choice, check_int, check_texts_list
 from .datasets import DecomposableDataset
 from .decomposition import Decomposition, _check_layers, decompose
-from .loading import ClipBundle
+from .loading import ClipBundle, file_sha256
 from .towers import vision_tower
 
 try:
@@ -70,11 +87,19 @@ except ImportError:  # Windows: no flock; builds still work but are not guarded 
     fcntl = None
 
 __all__ = ["DecompositionCache", "ShardedArray", "StaleCacheError", "CacheLockedError", "IncompleteCacheError",
-           "cache_key"]
+           "CorruptCacheError", "CacheStorageError", "cache_key"]
 
-FORMAT = 1
+FORMAT = 2
 FIELDS = ("embedding", "attns", "mlps", "heads", "cls_to_cls", "norm", "patch_text")
 PatchDetail = Literal["layer", "head", "sum"]
+
+_SHARD = re.compile(r"shard_\d{5}")
+_SHARD_FILE = re.compile(r"(?:embedding|attns|mlps|heads|cls_to_cls|norm|patch_text|ids|indices|label_.+)\.npy")
+_TEMP = re.compile(r"\.(?:shard_\d{5}|manifest\.json|text_directions\.npy)\.clipdecomp-tmp-\d+")
+_SMALL_FILE = re.compile(r"(?:ids|indices|label_.+)\.npy")  # loaded whole on open, so hashed on every open
+_FORMAT_1_LEFTOVER = re.compile(r"\.lock|\.shard_\d{5}\.tmp-\d+")  # the lock file and temporaries of format 1
+REPAIR = ("Build it again with the same arguments (the same DecompositionCache.build call or `python -m "
+          "clipdecomp decompose` command) to recompute only the damaged shards, or delete the folder.")
 
 
 class StaleCacheError(ValueError):
@@ -87,6 +112,26 @@ class CacheLockedError(RuntimeError):
 
 class IncompleteCacheError(RuntimeError):
     """The cache folder holds an unfinished build (e.g. a killed run): build again to resume."""
+
+
+class CorruptCacheError(RuntimeError):
+    """Files of a cache no longer match what was recorded when they were written; ``problems`` names each."""
+
+    def __init__(self, folder: Path, problems: Sequence[str], repair: str = REPAIR):
+        self.folder, self.problems = Path(folder), list(problems)
+        more = len(self.problems) - 6
+        shown = "; ".join(self.problems[:6]) + (f"; and {more} more" if more > 0 else "")
+        super().__init__(f"The cache in {folder} is damaged: {shown}. {repair}")
+
+
+class CacheStorageError(OSError):
+    """The cache could not be written: disk full, read-only storage or no permission (one clear line).
+
+    ``errno`` and ``filename`` are those of the failed write; ``str()`` is the whole explanation.
+    """
+
+    def __str__(self) -> str:
+        return str(self.args[0])
 
 
 class ShardedArray:
@@ -115,6 +160,8 @@ class ShardedArray:
 
     def __getitem__(self, key) -> np.ndarray:
         rows, rest = (key[0], key[1:]) if isinstance(key, tuple) else (key, ())
+        if isinstance(rows, (bool, np.bool_)):
+            raise TypeError("index the image axis with an int, a slice, a boolean mask or a list of ints, not a bool.")
         if isinstance(rows, (int, np.integer)):
             index = int(rows) + (len(self) if rows < 0 else 0)
             if not 0 <= index < len(self):
@@ -141,6 +188,7 @@ class ShardedArray:
 
     def chunks(self, rows: int = 1024) -> Iterator[tuple[int, np.ndarray]]:
         """Yield ``(first_row, block)`` with blocks of at most ``rows`` rows, in order."""
+        rows = check_int("rows", rows, minimum=1)
         for offset, part in zip(self.offsets, self.parts):
             for start in range(0, len(part), rows):
                 yield int(offset) + start, np.asarray(part[start:start + rows])
@@ -172,11 +220,10 @@ def cache_key(bundle: ClipBundle, dataset: DecomposableDataset, *, head_layers: 
               selection: np.ndarray, text_directions: np.ndarray | None, patch_detail: str, dtype: str,
               shard_size: int) -> dict:
     """Everything a cache's contents depend on, as nested JSON-able dicts (compared key by key)."""
-    visual = vision_tower(bundle)
     return {
         "format": FORMAT,
         "model": {"spec": bundle.spec, "weights": _model_fingerprint(bundle), "open_clip": open_clip.__version__,
-                  **visual.describe()},  # layers, width, image_size, patch_size
+                  **vision_tower(bundle).describe()},  # layers, width, image_size, patch_size
         "dataset": dataset.content_key(),  # includes the dataset's preprocessing
         "selection": {"n_images": int(len(selection)), "sha256": _array_sha256(selection.astype(np.int64))},
         "reductions": {"head_layers": list(head_layers), "dtype": dtype, "shard_size": shard_size,
@@ -206,38 +253,149 @@ def _key_differences(stored: dict, wanted: dict) -> list[str]:
             for name in sorted(set(old) | set(new)) if old.get(name) != new.get(name)]
 
 
-def _write_json(path: Path, payload: dict) -> None:
-    """Write JSON atomically: to a temporary file, then rename over ``path``."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=1))
-    os.replace(tmp, path)
+def _shard_name(shard: int) -> str:
+    return f"shard_{shard:05d}"
+
+
+def _temp_path(target: Path) -> Path:
+    """Where ``target`` is written before being renamed into place (a name no user file has)."""
+    return target.with_name(f".{target.name}.clipdecomp-tmp-{os.getpid()}")
+
+
+def _size(size: float | None) -> str:
+    """A byte count for people: "48 KB", "1.2 MB", "3.40 GB"."""
+    if size is None:
+        return "an unknown amount"
+    for unit, scale in (("GB", 1e9), ("MB", 1e6)):
+        if size >= scale:
+            return f"{size / scale:.{2 if unit == 'GB' else 1}f} {unit}"
+    return f"{max(size / 1e3, 0):.0f} KB"
+
+
+def _on_disk(folder: Path, sizes: Sequence[int]) -> int:
+    """Bytes that files of these sizes take on the file system holding ``folder`` (whole blocks, plus a folder)."""
+    try:
+        block = os.statvfs(folder).f_frsize or 4096
+    except (OSError, AttributeError):
+        block = 4096
+    return block * (1 + sum(-(-size // block) for size in sizes))
 
 
 @contextmanager
-def _exclusive(folder: Path) -> Iterator[None]:
-    """Hold ``folder/.lock`` for this process; raise CacheLockedError if another process holds it."""
+def _writing(folder: Path, what: str, needed: int | None = None, rest: str = "") -> Iterator[None]:
+    """Turn a disk-full, read-only or permission failure while writing ``what`` into one clear CacheStorageError."""
+    try:
+        yield
+    except OSError as error:
+        if isinstance(error, CacheStorageError):
+            raise
+        resume = "Finished shards are kept: run the same build again to resume."
+        if error.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+            try:
+                free = shutil.disk_usage(folder).free
+            except OSError:
+                free = None
+            need = f"; it needs about {_size(needed)}{rest}" if needed is not None else ""
+            message = (f"No space left on the device holding {folder} while writing {what}{need}, and "
+                       f"{_size(free)} is free. Free some space (or build into a folder on a larger disk). {resume}")
+        elif error.errno == errno.EROFS:
+            message = (f"Cannot write {what}: {folder} is on read-only storage. A complete cache can be read from "
+                       f"there; to build or resume it, copy it to writable storage or build into a writable folder.")
+        elif error.errno in (errno.EACCES, errno.EPERM):
+            message = (f"Cannot write {what} in {folder}: permission denied ({error.filename or folder}). Make the "
+                       f"folder writable or build into another one. {resume}")
+        else:
+            raise
+        failure = CacheStorageError(message)
+        failure.errno, failure.filename = error.errno, error.filename
+        raise failure from error
+
+
+def _save_array(path: Path, values: np.ndarray) -> None:
+    with open(path, "wb") as handle:  # a handle: np.save would append ".npy" to a temporary name
+        np.save(handle, values)
+
+
+def _write_json(path: Path, payload: dict) -> None:
+    """Write JSON atomically: to a temporary file, then rename over ``path``."""
+    tmp = _temp_path(path)
+    try:
+        tmp.write_text(json.dumps(payload, indent=1), encoding="utf-8")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _is_own(name: str) -> bool:
+    """Whether a folder entry has a name the builder writes (so a cache folder may hold it)."""
+    return name in ("manifest.json", "text_directions.npy") or bool(_SHARD.fullmatch(name) or _TEMP.fullmatch(name))
+
+
+def _remove_shard(path: Path) -> None:
+    """Delete a shard folder the builder wrote: only its own file names; anything else stops the removal."""
+    strangers = [p.name for p in path.iterdir() if not _SHARD_FILE.fullmatch(p.name) or not p.is_file()]
+    if strangers:
+        raise FileExistsError(f"{path} holds entries the builder did not write ({strangers[:5]}), so it is not "
+                              "removed: move them out of the cache folder and build again.")
+    for file in path.iterdir():
+        file.unlink()
+    path.rmdir()
+
+
+def _lock_holder(folder: Path) -> str:
+    try:
+        return json.loads((folder / "manifest.json").read_text(encoding="utf-8"))["writer"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return "another process"
+
+
+@contextmanager
+def _exclusive(folder: Path) -> Iterator[int | None]:
+    """Hold an exclusive ``flock`` on ``folder`` itself (no lock file); yield its descriptor.
+
+    Raises CacheLockedError at once if another process holds it. The OS releases the lock when the
+    process dies; DataLoader workers close their inherited copy (see :class:`_ReleaseLockInWorker`).
+    """
     if fcntl is None:
         warnings.warn("File locking is unavailable on this platform: do not build the same cache twice at once.")
-        yield
+        yield None
         return
-    with open(folder / ".lock", "a+") as handle:
+    descriptor = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        locked = True
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "unknown process"
             raise CacheLockedError(
-                f"{folder} is being written by another run ({holder}). Wait for it to finish and build again "
-                "(finished shards are reused), or write to another folder.") from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"pid {os.getpid()} on {os.uname().nodename}, since "
-                     f"{datetime.datetime.now().isoformat(timespec='seconds')}")
-        handle.flush()
+                f"{folder} is being written by another run ({_lock_holder(folder)}). Wait for it to finish and build "
+                "again (finished shards are reused), or write to another folder.") from None
+        except OSError as error:  # e.g. a network file system without flock
+            warnings.warn(f"Cannot lock {folder} ({error}): do not build the same cache twice at once.")
+            locked = False
+        yield descriptor if locked else None
+    finally:
+        os.close(descriptor)
+
+
+class _ReleaseLockInWorker:
+    """DataLoader ``worker_init_fn``: close the lock descriptor a forked worker inherited.
+
+    A flock belongs to the open file, shared by every process holding a copy of the descriptor; if
+    workers kept theirs, a killed parent's lock would outlive it until the workers exit.
+    """
+
+    def __init__(self, descriptor: int):
+        status = os.fstat(descriptor)
+        self.descriptor, self.identity = descriptor, (status.st_dev, status.st_ino)
+
+    def __call__(self, worker_id: int) -> None:
         try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+            status = os.fstat(self.descriptor)
+        except OSError:
+            return  # not inherited (spawned workers)
+        if (status.st_dev, status.st_ino) == self.identity:
+            os.close(self.descriptor)
 
 
 class _Images(torch.utils.data.Dataset):
@@ -262,24 +420,154 @@ class _Images(torch.utils.data.Dataset):
         return image
 
 
+def _read_manifest(folder: Path) -> dict | None:
+    """The parsed manifest (None if there is none); CorruptCacheError if it cannot be read as one."""
+    path = folder / "manifest.json"
+    if not path.exists():
+        return None
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CorruptCacheError(folder, [f"manifest.json is unreadable ({type(error).__name__}: {error})"]) from None
+    if not isinstance(manifest, dict) or "format" not in manifest or not isinstance(manifest.get("key"), dict):
+        raise CorruptCacheError(folder, ["manifest.json is not a decomposition-cache manifest (no format and key)"])
+    return manifest
+
+
+def _manifest_problems(manifest: dict) -> list[str]:
+    """What is missing or malformed in a current-format manifest (an empty list when it is sound)."""
+    def positive(name: str) -> bool:
+        value = manifest.get(name)
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+    problems = [f"manifest.json lacks a valid {name!r}" for name in ("n_images", "shard_size", "n_shards")
+                if not positive(name)]
+    if manifest.get("status") not in ("building", "complete"):
+        problems.append(f"manifest.json has status {manifest.get('status')!r}")
+    if not isinstance(manifest.get("shards"), dict) or not isinstance(manifest.get("label_names"), list):
+        problems.append("manifest.json lacks the shard records or label names")
+    if problems:
+        return problems
+    if manifest["n_shards"] != -(-manifest["n_images"] // manifest["shard_size"]):
+        return ["manifest.json's n_shards does not match n_images and shard_size"]
+    if manifest["status"] == "complete":
+        if not isinstance(manifest.get("fields"), dict):
+            return ["manifest.json lacks the fields of the finished cache"]
+        unrecorded = [_shard_name(s) for s in range(manifest["n_shards"]) if _shard_name(s) not in manifest["shards"]]
+        if unrecorded:
+            return [f"manifest.json has no record of {unrecorded[:3]}"]
+        wanted = ({f"{field}.npy" for field in manifest["fields"]} | {"ids.npy", "indices.npy"}
+                  | {f"label_{label}.npy" for label in manifest["label_names"]})
+        for name, record in manifest["shards"].items():
+            if not isinstance(record, dict) or not isinstance(record.get("files"), dict) or not wanted <= set(
+                    record["files"]) or not isinstance(record.get("rows"), int):
+                return [f"manifest.json's record of {name} is malformed"]
+        rows = sum(record["rows"] for record in manifest["shards"].values())
+        if rows != manifest["n_images"]:
+            return [f"manifest.json records {rows} rows in its shards for {manifest['n_images']} images"]
+    return []
+
+
+def _check_shard(folder: Path, name: str, record: dict, full: bool) -> tuple[dict[str, np.ndarray], list[str]]:
+    """Open one shard's files against its record: (arrays by file name, problems).
+
+    Always checked: presence, size, shape and dtype of every file, and the sha256 of the small files
+    (ids, indices, labels). ``full`` also hashes the term files.
+    """
+    path = folder / name
+    if not path.is_dir():
+        return {}, [f"{name} is missing"]
+    files = record.get("files") if isinstance(record, dict) else None
+    if not isinstance(files, dict) or not files:
+        return {}, [f"manifest.json's record of {name} is malformed"]
+    arrays, problems = {}, []
+    for file, expected in sorted(files.items(), key=lambda item: item[0] != "ids.npy"):  # whose shard is it?
+        where, small = f"{name}/{file}", bool(_SMALL_FILE.fullmatch(file))
+        try:
+            size = (path / file).stat().st_size
+            if size != expected["bytes"]:
+                problems.append(f"{where} has {size} bytes, {expected['bytes']} were written (truncated or replaced)")
+                continue
+            if (full or small) and file_sha256(path / file) != expected["sha256"]:
+                hint = ""
+                if file == "ids.npy":
+                    hint = (f"; it should hold images {record.get('first_id')!r}..{record.get('last_id')!r} (a shard "
+                            "folder was moved, swapped or copied over this one?)")
+                problems.append(f"{where} does not match the checksum recorded when it was written{hint}")
+                if file == "ids.npy":
+                    break  # another shard's folder: its other files say nothing more
+                continue
+            array = np.load(path / file, mmap_mode=None if small else "r")
+        except FileNotFoundError:
+            problems.append(f"{where} is missing")
+            continue
+        except (OSError, ValueError, EOFError) as error:
+            problems.append(f"{where} is unreadable ({type(error).__name__}: {error})")
+            continue
+        except (KeyError, TypeError):
+            problems.append(f"manifest.json's record of {where} is malformed")
+            continue
+        if list(array.shape) != expected.get("shape") or str(array.dtype) != expected.get("dtype"):
+            problems.append(f"{where} holds {list(array.shape)} {array.dtype}, {expected.get('shape')} "
+                            f"{expected.get('dtype')} were written")
+            continue
+        if not array.shape or array.shape[0] != record.get("rows"):
+            problems.append(f"{where} has {array.shape[:1]} rows, the shard holds {record.get('rows')}")
+            continue
+        arrays[file] = array
+    return arrays, problems
+
+
+def _record(path: Path, ids: np.ndarray) -> dict:
+    """What verifies a freshly written shard later: row count, first and last id, and per file its size,
+    shape, dtype and sha256."""
+    files = {}
+    for file in sorted(path.iterdir()):
+        array = np.load(file, mmap_mode="r")
+        files[file.name] = {"bytes": file.stat().st_size, "shape": list(array.shape), "dtype": str(array.dtype),
+                            "sha256": file_sha256(file)}
+    return {"rows": len(ids), "first_id": str(ids[0]), "last_id": str(ids[-1]), "files": files}
+
+
 class DecompositionCache:
-    """A finished cache folder; create with :meth:`build`, reopen with :meth:`open`.
+    """A finished cache folder; create with :meth:`build`, reopen with :meth:`open`, check with :meth:`verify`.
 
     Fields (see the module docstring) are :class:`ShardedArray` views of memory-mapped shards:
     ``embedding``, ``attns``, ``mlps``, ``heads``, ``cls_to_cls``, ``norm``, ``patch_text``. Per-image
     metadata is loaded into memory: ``labels`` (name -> int array), ``ids`` (strings), ``indices``
-    (positions in the dataset).
+    (positions in the dataset). Creating one runs the cheap integrity checks of every shard and raises
+    :class:`CorruptCacheError` naming each damaged file.
     """
 
     def __init__(self, folder: Path, manifest: dict):
-        self.folder, self.manifest = folder, manifest
-        shards = [folder / f"shard_{s:05d}" for s in range(manifest["n_shards"])]
-        self._fields = {name: ShardedArray([np.load(s / f"{name}.npy", mmap_mode="r") for s in shards])
-                        for name in manifest["fields"]}
-        self.ids = np.concatenate([np.load(s / "ids.npy") for s in shards]).tolist()
-        self.indices = np.concatenate([np.load(s / "indices.npy") for s in shards])
-        self.labels = {name: np.concatenate([np.load(s / f"label_{name}.npy") for s in shards])
-                       for name in manifest["label_names"]}
+        self.folder, self.manifest = Path(folder), manifest
+        shards, problems = [], []
+        for shard in range(manifest["n_shards"]):
+            name = _shard_name(shard)
+            arrays, found = _check_shard(self.folder, name, manifest["shards"][name], full=False)
+            shards.append(arrays)
+            problems += found
+        problems += self._text_directions_problems()
+        if problems:
+            raise CorruptCacheError(self.folder, problems)
+        self._fields = {name: ShardedArray([s[f"{name}.npy"] for s in shards]) for name in manifest["fields"]}
+        self.ids = np.concatenate([s["ids.npy"] for s in shards]).tolist()
+        self.indices = np.concatenate([s["indices.npy"] for s in shards])
+        self.labels = {name: np.concatenate([s[f"label_{name}.npy"] for s in shards]) for name in manifest["label_names"]}
+
+    def _text_directions_problems(self) -> list[str]:
+        expected = self.manifest["key"]["reductions"]["text_directions"]
+        if expected is None:
+            return []
+        try:
+            texts = np.load(self.folder / "text_directions.npy")
+        except FileNotFoundError:
+            return ["text_directions.npy is missing"]
+        except (OSError, ValueError, EOFError) as error:
+            return [f"text_directions.npy is unreadable ({type(error).__name__}: {error})"]
+        if list(texts.shape) != expected["shape"] or _array_sha256(texts) != expected["sha256"]:
+            return ["text_directions.npy does not hold the directions the cache was built with"]
+        return []
 
     @property
     def key(self) -> dict:
@@ -298,12 +586,31 @@ class DecompositionCache:
         path = self.folder / "text_directions.npy"
         return np.load(path) if path.is_file() else None
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of all shard files, as recorded when they were written."""
+        return sum(f["bytes"] for record in self.manifest["shards"].values() for f in record["files"].values())
+
     def __len__(self) -> int:
         return self.manifest["n_images"]
 
     def __repr__(self) -> str:
         shapes = ", ".join(f"{name}{list(array.shape)}" for name, array in self._fields.items())
         return f"DecompositionCache({self.folder}, {len(self)} images: {shapes})"
+
+    def verify(self) -> "DecompositionCache":
+        """Re-hash every file and compare it with the sha256 recorded when it was written; return self.
+
+        Finds what the cheap checks of :meth:`open` cannot: values overwritten in place. Raises
+        :class:`CorruptCacheError` naming every damaged shard and file; building again with the same
+        arguments recomputes exactly those shards.
+        """
+        problems = [problem for shard in range(self.manifest["n_shards"])
+                    for problem in _check_shard(self.folder, _shard_name(shard),
+                                                self.manifest["shards"][_shard_name(shard)], full=True)[1]]
+        if problems:
+            raise CorruptCacheError(self.folder, problems)
+        return self
 
     def field(self, name: str) -> ShardedArray:
         """A stored field by name; raises KeyError naming the fields this cache has."""
@@ -349,86 +656,123 @@ class DecompositionCache:
                              head_layers=self.head_layers, grid_size=grid, spatial=False)
 
     @classmethod
-    def open(cls, folder: str | Path, expected_key: dict | None = None) -> "DecompositionCache":
-        """Open a finished cache; with ``expected_key`` (see :func:`cache_key`) refuse a stale one."""
+    def open(cls, folder: str | Path, expected_key: dict | None = None, *,
+             verify: bool = False) -> "DecompositionCache":
+        """Open a finished cache (cheap integrity checks); ``verify=True`` also re-hashes every file.
+
+        With ``expected_key`` (see :func:`cache_key`) a cache built from other inputs is refused.
+        """
         folder = Path(folder)
-        path = folder / "manifest.json"
-        if not path.is_file():
+        if folder.exists() and not folder.is_dir():
+            raise NotADirectoryError(f"{folder} is a file, not a decomposition cache folder.")
+        manifest = _read_manifest(folder)
+        if manifest is None:
             raise FileNotFoundError(f"{folder} is not a decomposition cache (no manifest.json); create one with "
                                     "DecompositionCache.build(...) or `python -m clipdecomp decompose`.")
-        manifest = json.loads(path.read_text())
-        if manifest.get("format") != FORMAT:
-            raise StaleCacheError(f"{folder} was written in cache format {manifest.get('format')}, this version reads "
-                                  f"format {FORMAT}: delete the folder and build it again.")
+        if manifest["format"] != FORMAT:
+            raise StaleCacheError(f"{folder} was written in cache format {manifest['format']!r}, without the checksums "
+                                  f"this version (format {FORMAT}) checks: build it again with the same arguments to "
+                                  "check its shards against the dataset and record their checksums, or delete the "
+                                  "folder and build it again.")
+        problems = _manifest_problems(manifest)
+        if problems:
+            raise CorruptCacheError(folder, problems)
         if expected_key is not None and manifest["key"] != expected_key:
             raise StaleCacheError(f"The cache in {folder} was built from different inputs: "
                                   + "; ".join(_key_differences(manifest["key"], expected_key))
                                   + ". Delete the folder to rebuild it, or build into another folder.")
-        missing = [s for s in range(manifest["n_shards"]) if not (folder / f"shard_{s:05d}").is_dir()]
-        if manifest["status"] != "complete" or missing:
+        if manifest["status"] != "complete":
+            done = sum((folder / name).is_dir() for name in manifest["shards"])
             raise IncompleteCacheError(
-                f"The cache in {folder} is unfinished ({manifest['n_shards'] - len(missing)} of {manifest['n_shards']} "
-                "shards written; was the run interrupted?). Build again with the same arguments to resume.")
-        return cls(folder, manifest)
+                f"The cache in {folder} is unfinished ({done} of {manifest['n_shards']} shards written; was the run "
+                "interrupted?). Build again with the same arguments to resume.")
+        cache = cls(folder, manifest)
+        return cache.verify() if verify else cache
 
     @classmethod
     def build(cls, bundle: ClipBundle, dataset: DecomposableDataset, out_dir: str | Path, *, batch_size: int = 32,
               layers: Sequence[int] | None = None, text_directions: torch.Tensor | np.ndarray | None = None,
-              text_labels: Sequence[str] | None = None, patch_detail: PatchDetail = "layer",
+              text_labels: Sequence[str] | None = None, patch_detail: PatchDetail | None = None,
               indices: Sequence[int] | None = None, shard_size: int = 1024, dtype: str = "float16",
               num_workers: int = 0, progress: bool = True) -> "DecompositionCache":
-        """Decompose ``dataset`` (or its ``indices``) into ``out_dir``, resuming a previous partial build.
+        """Decompose ``dataset`` (or its ``indices``) into ``out_dir``, resuming or repairing a previous build.
 
         Args:
             bundle: the model (from :func:`clipdecomp.load`); runs on ``bundle.device``.
             dataset: a :class:`~clipdecomp.datasets.DecomposableDataset`.
             out_dir: the cache folder (created; must be new, empty, or a cache of the same key).
-            batch_size: images per forward pass.
+            batch_size: images per forward pass (>= 1).
             layers: layers that keep per-head detail (negative counts from the end); default all.
             text_directions: [T, d'] directions (e.g. ``bundle.encode_text(...)``) to dot per-patch terms
                 with; stored as ``patch_text``, reduced as ``patch_detail`` says.
             text_labels: optional names of the T directions, kept in the manifest.
-            indices: the dataset positions to decompose, in order (default: all).
-            shard_size: images per shard folder.
+            patch_detail: ``"layer"`` (default when ``text_directions`` is given), ``"head"`` or ``"sum"``;
+                only meaningful with ``text_directions``.
+            indices: the distinct dataset positions to decompose, in order (default: all).
+            shard_size: images per shard folder (>= 1).
             dtype: ``"float16"`` (default) or ``"float32"`` storage of the terms.
-            num_workers: DataLoader worker processes for image decoding.
+            num_workers: DataLoader worker processes for image decoding (>= 0).
             progress: show a tqdm progress bar.
+
+        A finished cache of the same key is fully verified and returned without writing anything (so it
+        may sit on read-only storage); damaged shards are recomputed, nothing else.
         """
-        folder = Path(out_dir)
-        visual = vision_tower(bundle)
-        n_layers = visual.n_layers
-        head_layers = _check_layers(layers, n_layers)
-        selection = np.arange(len(dataset)) if indices is None else np.asarray(list(indices), dtype=np.int64)
+        if not isinstance(out_dir, (str, os.PathLike)) or not str(out_dir):
+            raise TypeError(f"out_dir must be a folder path, got {out_dir!r}.")
+        if not isinstance(dataset, DecomposableDataset):
+            raise TypeError(f"dataset must be a DecomposableDataset (ids, labels, image(i), content_key()), got "
+                            f"{type(dataset).__name__}.")
+        folder = Path(out_dir).expanduser()
+        tower = vision_tower(bundle)
+        head_layers = _check_layers(layers, tower.n_layers)
+        selection = cls._check_indices(indices, len(dataset))
+        batch_size = check_int("batch_size", batch_size, minimum=1)
+        shard_size = check_int("shard_size", shard_size, minimum=1)
+        num_workers = check_int("num_workers", num_workers, minimum=0)
+        check_choice("dtype", dtype, ("float16", "float32"))
+        if patch_detail is not None:
+            check_choice("patch_detail", patch_detail, ("layer", "head", "sum"))
+            if text_directions is None:
+                raise ValueError("patch_detail only applies to per-patch maps: give text_directions too, or leave "
+                                 "patch_detail out.")
+        if not isinstance(progress, bool):
+            raise TypeError(f"progress must be True or False, got {progress!r}.")
+        texts = cls._check_texts(text_directions, text_labels, tower.output_dim)
+        key = cache_key(bundle, dataset, head_layers=head_layers, selection=selection, text_directions=texts,
+                        patch_detail=patch_detail or "layer", dtype=dtype, shard_size=shard_size)
+        job = _Build(folder, key, bundle, dataset, selection, shard_size, head_layers, texts, patch_detail or "layer",
+                     np.dtype(dtype), text_labels)
+        _classify(folder)  # refuse a foreign folder before creating or locking anything
+        created = job.create_folder()
+        try:
+            with _exclusive(folder) as lock:
+                job.run(batch_size, num_workers, progress, lock)
+        except CacheLockedError:
+            raise  # the folder belongs to the run holding the lock
+        except BaseException:
+            for path in reversed(created):  # a build that wrote no shard leaves no folder behind
+                try:
+                    path.rmdir()
+                except OSError:
+                    break
+            raise
+        return cls.open(folder, expected_key=key)
+
+    @staticmethod
+    def _check_indices(indices, n: int) -> np.ndarray:
+        if indices is None:
+            return np.arange(n)
+        if isinstance(indices, (str, bytes)) or not hasattr(indices, "__iter__"):
+            raise TypeError(f"indices must be a list of dataset positions, got {type(indices).__name__} "
+                            f"{indices!r:.40}.")
+        selection = np.asarray(list(indices))
         if selection.ndim != 1 or len(selection) == 0:
             raise ValueError("indices must be a non-empty 1-D list of dataset positions.")
-        if selection.min() < 0 or selection.max() >= len(dataset) or len(np.unique(selection)) != len(selection):
-            raise ValueError(f"indices must be distinct positions in 0..{len(dataset) - 1}.")
-        if dtype not in ("float16", "float32"):
-            raise ValueError(f"dtype must be 'float16' or 'float32', got {dtype!r}.")
-        if patch_detail not in ("layer", "head", "sum"):
-            raise ValueError(f"patch_detail must be 'layer', 'head' or 'sum', got {patch_detail!r}.")
-        if batch_size < 1 or shard_size < 1:
-            raise ValueError("batch_size and shard_size must be positive.")
-        texts = cls._check_texts(text_directions, text_labels, visual.output_dim)
-        key = cache_key(bundle, dataset, head_layers=head_layers, selection=selection, text_directions=texts,
-                        patch_detail=patch_detail, dtype=dtype, shard_size=shard_size)
-
-        folder.mkdir(parents=True, exist_ok=True)
-        with _exclusive(folder):
-            manifest = cls._start(folder, key, len(selection), shard_size, dataset, text_labels)
-            shards_there = all((folder / f"shard_{s:05d}").is_dir() for s in range(manifest["n_shards"]))
-            if manifest["status"] != "complete" or not shards_there:
-                if texts is not None:
-                    tmp = folder / f".text_directions.tmp-{os.getpid()}.npy"
-                    np.save(tmp, texts)
-                    os.replace(tmp, folder / "text_directions.npy")
-                writer = _ShardWriter(bundle, dataset, folder, selection, shard_size, head_layers, texts,
-                                      patch_detail, np.dtype(dtype))
-                manifest["fields"] = writer.run(batch_size, num_workers, progress)
-                manifest["status"] = "complete"
-                manifest["finished"] = datetime.datetime.now().isoformat(timespec="seconds")
-                _write_json(folder / "manifest.json", manifest)
-        return cls.open(folder, expected_key=key)
+        if selection.dtype.kind not in "iu":
+            raise TypeError(f"indices must be integers (not {selection.dtype}: floats or bools are not positions).")
+        if selection.min() < 0 or selection.max() >= n or len(np.unique(selection)) != len(selection):
+            raise ValueError(f"indices must be distinct positions in 0..{n - 1}.")
+        return selection.astype(np.int64)
 
     @staticmethod
     def _check_texts(directions, labels, dim: int) -> np.ndarray | None:
@@ -443,41 +787,66 @@ class DecompositionCache:
                              f"{list(texts.shape)}.")
         if not np.isfinite(texts).all():
             raise ValueError("text_directions contain NaN or Inf values.")
-        if labels is not None and len(labels) != len(texts):
+        if labels is not None and len(check_texts_list("text_labels", labels)) != len(texts):
             raise ValueError(f"text_labels has {len(labels)} names for {len(texts)} text directions.")
         return texts.astype(np.float32)
 
-    @staticmethod
-    def _start(folder: Path, key: dict, n_images: int, shard_size: int, dataset, text_labels) -> dict:
-        """Check what is already in ``folder`` and write the manifest of this build (lock held)."""
-        path = folder / "manifest.json"
-        if path.is_file():
-            manifest = json.loads(path.read_text())
-            if manifest.get("key") != key:
-                raise StaleCacheError(f"{folder} holds a cache built from different inputs: "
-                                      + "; ".join(_key_differences(manifest.get("key", {}), key))
-                                      + ". Delete the folder to rebuild it, or build into another folder.")
-            return manifest
-        strangers = [p.name for p in folder.iterdir() if not p.name.startswith(".")]  # ours: .lock, .shard_*.tmp
-        if strangers:
-            raise FileExistsError(f"{folder} is not empty and is not a decomposition cache (has {strangers[:5]}); "
-                                  "choose a new or empty folder.")
-        manifest = {"format": FORMAT, "status": "building", "key": key, "n_images": n_images,
-                    "shard_size": shard_size, "n_shards": -(-n_images // shard_size),
-                    "label_names": sorted(dataset.labels), "text_labels": list(text_labels) if text_labels else None,
-                    "created": datetime.datetime.now().isoformat(timespec="seconds")}
-        _write_json(path, manifest)
-        return manifest
+
+def _classify(folder: Path) -> tuple[str, dict | None]:
+    """What ``folder`` holds: ("new" | "empty" | "cache" | "damaged", manifest or None).
+
+    Refuses (FileExistsError) a non-empty folder that is not a cache, hidden entries included, and a
+    path that is a file. "damaged": an unreadable manifest beside only the builder's own entries.
+    """
+    if not folder.exists():
+        return "new", None
+    if not folder.is_dir():
+        raise NotADirectoryError(f"{folder} is a file, not a folder: give a new or empty folder for the cache.")
+    entries = sorted(os.listdir(folder))
+    if not entries:
+        return "empty", None
+    try:
+        manifest = _read_manifest(folder)
+    except CorruptCacheError as error:
+        if all(_is_own(name) for name in entries) and any(_SHARD.fullmatch(name) for name in entries):
+            return "damaged", None
+        raise FileExistsError(f"{folder} holds {entries[:5]} and its manifest.json cannot be read as a decomposition "
+                              f"cache ({error.problems[0]}): it is not a cache this builder wrote, so nothing was "
+                              "touched. Build into a new or empty folder.") from None
+    if manifest is None:
+        raise FileExistsError(f"{folder} is not empty and is not a decomposition cache (it holds {entries[:5]}"
+                              f"{' ...' if len(entries) > 5 else ''}; hidden entries count): build into a new or empty "
+                              "folder. Nothing was written.")
+    return "cache", manifest
 
 
-class _ShardWriter:
-    """Runs the decomposition over the shards not yet on disk and writes each one atomically."""
+class _Build:
+    """One build of a cache folder: decide what to keep, write the missing or damaged shards, and undo a
+    fresh build that fails before its first shard."""
 
-    def __init__(self, bundle, dataset, folder: Path, selection: np.ndarray, shard_size: int,
-                 head_layers: tuple[int, ...], texts: np.ndarray | None, patch_detail: str, dtype: np.dtype):
-        self.bundle, self.dataset, self.folder, self.selection = bundle, dataset, folder, selection
-        self.shard_size, self.head_layers, self.patch_detail, self.dtype = shard_size, head_layers, patch_detail, dtype
+    def __init__(self, folder: Path, key: dict, bundle: ClipBundle, dataset: DecomposableDataset,
+                 selection: np.ndarray, shard_size: int, head_layers: tuple[int, ...], texts: np.ndarray | None,
+                 patch_detail: str, dtype: np.dtype, text_labels: Sequence[str] | None):
+        self.folder, self.key, self.bundle, self.dataset, self.selection = folder, key, bundle, dataset, selection
+        self.shard_size, self.head_layers, self.texts_array = shard_size, head_layers, texts
+        self.patch_detail, self.dtype, self.text_labels = patch_detail, dtype, text_labels
         self.texts = None if texts is None else torch.from_numpy(texts).to(bundle.device)
+        self.n_shards = -(-len(selection) // shard_size)
+        self.written: list[Path] = []  # files a fresh build created before its first shard (removed on failure)
+        self.leftovers: list[Path] = []  # a format-1 cache's lock file and temporaries, removed when it is upgraded
+        self.unrecorded: dict[str, str] = {}  # why a format-1 shard was not taken over
+
+    def create_folder(self) -> list[Path]:
+        """Create the cache folder and missing parents; return those created (deepest last)."""
+        created, path = [], self.folder
+        while not path.exists():
+            created.append(path)
+            path = path.parent
+        if not created:
+            return []
+        with _writing(path, f"the cache folder {self.folder}"):
+            self.folder.mkdir(parents=True, exist_ok=True)
+        return created[::-1]
 
     def rows(self, shard: int) -> np.ndarray:
         return self.selection[shard * self.shard_size:(shard + 1) * self.shard_size]
@@ -485,45 +854,170 @@ class _ShardWriter:
     def _expected_ids(self, shard: int) -> np.ndarray:
         return np.array([self.dataset.ids[i] for i in self.rows(shard)])
 
-    def _is_done(self, shard: int) -> bool:
-        """A shard folder exists only once complete (atomic rename); confirm it holds exactly its rows."""
-        path = self.folder / f"shard_{shard:05d}"
-        if not path.is_dir():
-            return False
-        try:
-            if np.array_equal(np.load(path / "indices.npy"), self.rows(shard)) and np.array_equal(
-                    np.load(path / "ids.npy"), self._expected_ids(shard)):
-                return True
-        except (OSError, ValueError):
-            pass
-        warnings.warn(f"{path} does not hold the expected images; recomputing it.")
-        shutil.rmtree(path)
-        return False
+    def _new_manifest(self) -> dict:
+        return {"format": FORMAT, "status": "building", "key": self.key, "n_images": len(self.selection),
+                "shard_size": self.shard_size, "n_shards": self.n_shards, "label_names": sorted(self.dataset.labels),
+                "text_labels": list(self.text_labels) if self.text_labels else None, "shards": {},
+                "created": datetime.datetime.now().isoformat(timespec="seconds")}
 
-    def run(self, batch_size: int, num_workers: int, progress: bool) -> dict:
-        for leftover in self.folder.glob(".shard_*"):  # half-written shards of a killed run
-            shutil.rmtree(leftover)
-        n_shards = -(-len(self.selection) // self.shard_size)
-        todo = [s for s in range(n_shards) if not self._is_done(s)]
+    def _existing(self) -> tuple[dict, bool]:
+        """The manifest to continue from and whether this build is fresh (undone if it fails before a shard)."""
+        state, manifest = _classify(self.folder)
+        if state in ("new", "empty"):
+            return self._new_manifest(), True
+        if state == "damaged":
+            warnings.warn(f"{self.folder}/manifest.json is unreadable; rebuilding the cache (every shard is "
+                          "recomputed, since none can be checked without it).", stacklevel=4)
+            return self._new_manifest(), False
+        if manifest["format"] == 1 and {**manifest["key"], "format": FORMAT} == self.key:
+            return self._upgraded(), False
+        if manifest["format"] != FORMAT:
+            raise StaleCacheError(f"{self.folder} was written in cache format {manifest['format']!r} from other inputs "
+                                  f"or by another version, without the checksums this version records (format "
+                                  f"{FORMAT}): delete the folder and build again.")
+        shards_there = any(_SHARD.fullmatch(p.name) for p in self.folder.iterdir())
+        if manifest["key"] != self.key:
+            if manifest.get("status") == "building" and not shards_there:  # nothing finished to protect
+                return self._new_manifest(), False
+            raise StaleCacheError(f"{self.folder} holds a cache built from different inputs: "
+                                  + "; ".join(_key_differences(manifest["key"], self.key))
+                                  + ". Delete the folder to rebuild it, or build into another folder.")
+        problems = _manifest_problems(manifest)
+        if problems:
+            warnings.warn(f"{self.folder}: {'; '.join(problems)}; recomputing every shard.", stacklevel=4)
+            return self._new_manifest(), False
+        return manifest, False
+
+    def _upgraded(self) -> dict:
+        """A format-2 manifest for a format-1 cache of this build: its shards are checked against the dataset
+        (ids, indices, labels, shapes) and their checksums recorded; shards that fail are recomputed."""
+        warnings.warn(f"{self.folder} was written in cache format 1, without checksums: checking its shards against "
+                      "the dataset and recording their checksums.", stacklevel=5)
+        manifest = self._new_manifest()
+        self.leftovers = [p for p in self.folder.iterdir() if _FORMAT_1_LEFTOVER.fullmatch(p.name)]
+        for shard in range(self.n_shards):
+            path = self.folder / _shard_name(shard)
+            if path.is_dir() and self._format_1_shard_holds_its_rows(shard, path):
+                manifest["shards"][path.name] = _record(path, self._expected_ids(shard))
+            elif path.is_dir():
+                self.unrecorded[path.name] = f"{path.name} (format 1) does not hold the images this build puts there"
+        return manifest
+
+    def _format_1_shard_holds_its_rows(self, shard: int, path: Path) -> bool:
+        rows = self.rows(shard)
+        fields = {"embedding", "attns", "mlps", "heads", "cls_to_cls", "norm"}
+        fields |= {"patch_text"} if self.texts is not None else set()
+        try:
+            if {p.name for p in path.iterdir()} != ({f"{field}.npy" for field in fields} | {"ids.npy", "indices.npy"}
+                                                    | {f"label_{label}.npy" for label in self.dataset.labels}):
+                return False
+            same = (np.array_equal(np.load(path / "indices.npy"), rows)
+                    and np.array_equal(np.load(path / "ids.npy"), self._expected_ids(shard))
+                    and all(np.array_equal(np.load(path / f"label_{label}.npy"), np.asarray(values)[rows])
+                            for label, values in self.dataset.labels.items()))
+            return same and all(len(np.load(path / f"{field}.npy", mmap_mode="r")) == len(rows) for field in fields)
+        except (OSError, ValueError, EOFError):
+            return False
+
+    def _reusable(self, shard: int, record: dict | None) -> list[str]:
+        """Problems of an existing shard folder (full checksum, and ids against this build's dataset)."""
+        name = _shard_name(shard)
+        if record is None:
+            return [self.unrecorded.get(name, f"{name} is not recorded in manifest.json")]
+        arrays, problems = _check_shard(self.folder, name, record, full=True)
+        if not problems and not (np.array_equal(arrays["indices.npy"], self.rows(shard))
+                                 and np.array_equal(arrays["ids.npy"], self._expected_ids(shard))):
+            problems = [f"{name} does not hold the images this build puts there"]
+        return problems
+
+    def run(self, batch_size: int, num_workers: int, progress: bool, lock: int | None) -> None:
+        manifest, fresh = self._existing()
+        records: dict = manifest["shards"]
+        todo, damaged = [], {}
+        for shard in range(self.n_shards):
+            name = _shard_name(shard)
+            if not (self.folder / name).is_dir():
+                if records.pop(name, None) is not None and manifest["status"] == "complete":
+                    damaged[name] = [f"{name} is missing"]
+                todo.append(shard)
+                continue
+            problems = self._reusable(shard, records.get(name))
+            if problems:
+                damaged[name] = problems
+                records.pop(name, None)
+                todo.append(shard)
+        temporaries = [p for p in self.folder.iterdir() if _TEMP.fullmatch(p.name)] + self.leftovers
+        if not todo and not temporaries and manifest["status"] == "complete" and self._texts_in_place():
+            return  # a whole cache: nothing is written (read-only storage is fine)
+        if damaged:
+            warnings.warn(f"{self.folder}: recomputing {len(damaged)} damaged shard(s): "
+                          + "; ".join(p for problems in damaged.values() for p in problems), stacklevel=3)
+        manifest.update(status="building", writer=f"pid {os.getpid()} on {os.uname().nodename}, since "
+                                                  f"{datetime.datetime.now().isoformat(timespec='seconds')}")
+        try:
+            with _writing(self.folder, "manifest.json"):
+                if fresh:
+                    self.written.append(self.folder / "manifest.json")
+                _write_json(self.folder / "manifest.json", manifest)
+                for leftover in temporaries:  # half-written files of a killed run (names only the builder uses)
+                    shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
+                for name in damaged:
+                    if (self.folder / name).is_dir():
+                        _remove_shard(self.folder / name)
+                if not self._texts_in_place():
+                    target = self.folder / "text_directions.npy"
+                    if fresh:
+                        self.written.append(target)
+                    _save_array(_temp_path(target), self.texts_array)
+                    os.replace(_temp_path(target), target)
+            self._compute(manifest, todo, batch_size, num_workers, progress, lock)
+        except BaseException:
+            if fresh and not any(_SHARD.fullmatch(p.name) for p in self.folder.iterdir()):
+                self._undo()
+            raise
+        first = records[_shard_name(0)]["files"]
+        manifest["fields"] = {file[:-4]: {"shape": [len(self.selection), *entry["shape"][1:]], "dtype": entry["dtype"]}
+                              for file, entry in first.items() if file[:-4] in FIELDS}
+        manifest.update(status="complete", finished=datetime.datetime.now().isoformat(timespec="seconds"))
+        manifest.pop("writer", None)
+        with _writing(self.folder, "manifest.json"):
+            _write_json(self.folder / "manifest.json", manifest)
+
+    def _texts_in_place(self) -> bool:
+        if self.texts_array is None:
+            return True
+        try:
+            return _array_sha256(np.load(self.folder / "text_directions.npy")) == _array_sha256(self.texts_array)
+        except (OSError, ValueError, EOFError):
+            return False
+
+    def _undo(self) -> None:
+        """Remove what this fresh build wrote, so the folder is as it was found."""
+        for path in [p for p in self.folder.iterdir() if _TEMP.fullmatch(p.name)] + self.written:
+            try:
+                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+            except OSError:
+                pass
+
+    def _compute(self, manifest: dict, todo: list[int], batch_size: int, num_workers: int, progress: bool,
+                 lock: int | None) -> None:
         plan = [(s, self.rows(s)[i:i + batch_size]) for s in todo for i in range(0, len(self.rows(s)), batch_size)]
         images = _Images(self.dataset, tuple(vision_tower(self.bundle).image_size))
+        release = _ReleaseLockInWorker(lock) if lock is not None and num_workers > 0 else None
         loader = torch.utils.data.DataLoader(images, batch_sampler=[b.tolist() for _, b in plan],
-                                             num_workers=num_workers)
+                                             num_workers=num_workers, worker_init_fn=release)
         bar = tqdm(total=len(self.selection), initial=len(self.selection) - sum(len(b) for _, b in plan),
                    unit="img", desc="decomposing", disable=not progress)
         pending: dict[str, list[np.ndarray]] = {}
         with bar:
-            for (shard, batch), images in zip(plan, loader):
-                for name, values in self._terms(images).items():
+            for (shard, batch), batch_images in zip(plan, loader):
+                for name, values in self._terms(batch_images).items():
                     pending.setdefault(name, []).append(values)
                 bar.update(len(batch))
                 if sum(len(v) for v in pending["norm"]) == len(self.rows(shard)):
-                    self._write(shard, {name: np.concatenate(v) for name, v in pending.items()})
+                    left = len(todo) - todo.index(shard) - 1
+                    self._write(shard, {name: np.concatenate(v) for name, v in pending.items()}, manifest, left)
                     pending = {}
-        first = {name: np.load(self.folder / "shard_00000" / f"{name}.npy", mmap_mode="r") for name in FIELDS
-                 if (self.folder / "shard_00000" / f"{name}.npy").is_file()}
-        return {name: {"shape": [len(self.selection), *array.shape[1:]], "dtype": str(array.dtype)}
-                for name, array in first.items()}
 
     @torch.no_grad()
     def _terms(self, images: torch.Tensor) -> dict[str, np.ndarray]:
@@ -541,19 +1035,24 @@ class _ShardWriter:
         out["norm"] = parts.norm.cpu().numpy().astype(np.float32)
         return out
 
-    def _write(self, shard: int, arrays: dict[str, np.ndarray]) -> None:
-        """Write a shard into a temporary folder, then rename it into place (all or nothing)."""
-        rows = self.rows(shard)
-        tmp = self.folder / f".shard_{shard:05d}.tmp-{os.getpid()}"
-        tmp.mkdir()
+    def _write(self, shard: int, arrays: dict[str, np.ndarray], manifest: dict, left: int) -> None:
+        """Write a shard into a temporary folder, record it in the manifest, then rename it into place."""
+        rows, ids, name = self.rows(shard), self._expected_ids(shard), _shard_name(shard)
+        files = {**{f"{field}.npy": values for field, values in arrays.items()}, "indices.npy": rows, "ids.npy": ids,
+                 **{f"label_{label}.npy": np.asarray(values)[rows].astype(np.int64)
+                    for label, values in self.dataset.labels.items()}}
+        needed = _on_disk(self.folder, [values.nbytes + 128 for values in files.values()])  # + the .npy header
+        rest = f" (and about {_size(needed * left)} for the {left} shard{'s' * (left > 1)} after it)" if left else ""
+        tmp = _temp_path(self.folder / name)
         try:
-            for name, values in arrays.items():
-                np.save(tmp / f"{name}.npy", values)
-            np.save(tmp / "indices.npy", rows)
-            np.save(tmp / "ids.npy", self._expected_ids(shard))
-            for name, values in self.dataset.labels.items():
-                np.save(tmp / f"label_{name}.npy", np.asarray(values)[rows].astype(np.int64))
-            os.replace(tmp, self.folder / f"shard_{shard:05d}")
+            with _writing(self.folder, name, needed, rest):
+                tmp.mkdir()
+                for file, values in files.items():
+                    _save_array(tmp / file, values)
+                manifest["shards"][name] = _record(tmp, ids)
+                _write_json(self.folder / "manifest.json", manifest)  # recorded before it appears: never unrecorded
+                os.replace(tmp, self.folder / name)
         except BaseException:
+            manifest["shards"].pop(name, None)
             shutil.rmtree(tmp, ignore_errors=True)
             raise
