@@ -6,14 +6,21 @@ set by :func:`clipdecomp.notebook.setup`.
 """
 from __future__ import annotations
 
-from typing import Sequence
+import math
+from typing import Callable, Sequence
 
 import matplotlib.pyplot as plt
 import numpy as np
+import torch
 
+from .retrieval import RetrievalEvaluation
+from .segmentation_eval import Comparison
+from .spatial import ContrastSet
 from .spurious import GroupReport, SpuriousComparison, SpuriousTask
 
-__all__ = ["image_strip", "head_choice", "cue_and_label", "group_bars", "reconstruction_curve", "explained_variance"]
+__all__ = ["image_strip", "head_choice", "cue_and_label", "group_bars", "reconstruction_curve", "explained_variance",
+           "pictures", "percent", "overlay", "head_score_maps", "neighbour_gallery", "text_maps", "contrastive_maps",
+           "head_grid", "image_maps", "segmentation_gallery"]
 
 
 def image_strip(images: np.ndarray | Sequence[np.ndarray], titles: Sequence[str] = (), size: float = 1.5) -> plt.Figure:
@@ -110,4 +117,176 @@ def explained_variance(spans_by_pool: dict) -> plt.Figure:
     ax.set_ylabel("variance explained (%)")
     ax.set_title("Mean over heads")
     ax.legend(fontsize=8)
+    return fig
+
+
+def pictures(preprocess: Callable, images: torch.Tensor) -> np.ndarray:
+    """[B, H, W, 3] RGB in [0, 1] from preprocessed images [B, 3, H, W] (or one [3, H, W]): the
+    normalisation of ``preprocess`` (a torchvision ``Compose``) undone."""
+    from torchvision.transforms import Normalize
+
+    images = images.detach().cpu().float()
+    images = images[None] if images.ndim == 3 else images
+    normalise = next((t for t in getattr(preprocess, "transforms", []) if isinstance(t, Normalize)), None)
+    if normalise is not None:
+        mean, std = (torch.tensor(v, dtype=torch.float32).view(1, 3, 1, 1) for v in (normalise.mean, normalise.std))
+        images = images * std + mean
+    return images.clamp(0, 1).permute(0, 2, 3, 1).numpy()
+
+
+def percent(value: float | None, digits: int = 1) -> str:
+    """A fraction as a percentage for prose ("12.3%"); ``None`` or NaN as "n/a"."""
+    return "n/a" if value is None or math.isnan(value) else f"{value:.{digits}%}"
+
+
+def overlay(ax: plt.Axes, image: np.ndarray, heat: torch.Tensor | np.ndarray, alpha: float = 0.55,
+            cmap: str = "RdBu_r", title: str | None = None) -> None:
+    """Draw ``heat`` ([H, W]) over ``image`` on an axis, on a colour scale symmetric around 0."""
+    heat = heat.detach().cpu().numpy() if isinstance(heat, torch.Tensor) else np.asarray(heat)
+    limit = float(np.abs(heat).max()) or 1.0
+    ax.imshow(image)
+    ax.imshow(heat, cmap=cmap, alpha=alpha, vmin=-limit, vmax=limit,
+              extent=(-0.5, image.shape[1] - 0.5, image.shape[0] - 0.5, -0.5))
+    ax.set_axis_off()
+    if title:
+        ax.set_title(title, fontsize=9)
+
+
+def _grid(rows: int, cols: int, width: float, height: float) -> tuple[plt.Figure, np.ndarray]:
+    return plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False)
+
+
+def head_score_maps(evaluation: RetrievalEvaluation) -> plt.Figure:
+    """Per property, two [layer x head] maps: the ground-truth score and the neighbour agreement, the
+    best head of each starred."""
+    properties, layers = evaluation.properties, list(evaluation.head_layers)
+    fig, axes = _grid(2, len(properties), 4.0, 3.2)
+    for c, p in enumerate(properties):
+        rows = ((evaluation.scores[p], "ground truth: share of variance", evaluation.chosen[p]),
+                (evaluation.agreement[p].numpy(), f"retrieval agreement@{evaluation.k}", evaluation.best_retrieval[p]))
+        for r, (table, title, (layer, head)) in enumerate(rows):
+            ax = axes[r, c]
+            shown = ax.imshow(table, cmap="viridis", aspect="auto")
+            ax.set_title(f"{p}: {title}", fontsize=9)
+            ax.set_xlabel("head")
+            ax.set_ylabel("layer")
+            ax.set_yticks(range(len(layers)), layers)
+            ax.plot(head, layers.index(layer), "r*", ms=14)
+            ax.grid(False)
+            fig.colorbar(shown, ax=ax)
+    fig.suptitle("Per-head scores on the first half of the images; red star = best head", y=1.01)
+    fig.tight_layout()
+    return fig
+
+
+def neighbour_gallery(evaluation: RetrievalEvaluation, query: int, n_show: int) -> plt.Figure:
+    """The query (left column) and its ``n_show`` nearest neighbours under each similarity (one row each),
+    every thumbnail titled with its property values."""
+    data, positions = evaluation.images, evaluation.neighbours(query, n_show)
+    dataset = data.dataset
+
+    def picture(i: int) -> np.ndarray:
+        return pictures(dataset.preprocess, dataset.image(int(data.indices[i])))[0]
+
+    def describe(i: int) -> str:
+        return "\n".join(data.describe(i).values())
+
+    fig, axes = _grid(len(positions), n_show + 1, 1.45, 1.95)
+    for r, (name, found) in enumerate(positions.items()):
+        axes[r, 0].imshow(picture(query))
+        axes[r, 0].set_title(describe(query), fontsize=7)
+        axes[r, 0].set_ylabel(name, fontsize=8)
+        axes[r, 0].set_xticks([])
+        axes[r, 0].set_yticks([])
+        for c in range(1, n_show + 1):
+            axes[r, c].set_axis_off()
+        for c, j in enumerate(found, start=1):
+            axes[r, c].imshow(picture(j))
+            axes[r, c].set_title(describe(j), fontsize=7)
+    fig.suptitle(f"Query (left column) and its {n_show} nearest neighbours, held-out images", y=1.0)
+    fig.tight_layout()
+    return fig
+
+
+def text_maps(study: ContrastSet, n_show: int) -> plt.Figure:
+    """One row per image: the image, then its map for each of its texts (:meth:`ContrastSet.texts`)."""
+    from .spatial import heatmap
+
+    shown = pictures(study.preprocess, study.images[:n_show])
+    fig, axes = _grid(len(shown), len(study.contrasts) + 1, 2.3, 2.3)
+    for r, picture in enumerate(shown):
+        axes[r, 0].imshow(picture)
+        axes[r, 0].set_axis_off()
+        axes[r, 0].set_title("image", fontsize=9)
+        for c, (title, direction) in enumerate(study.texts(r), start=1):
+            overlay(axes[r, c], picture, heatmap(study.parts, direction, study.size)[r], title=title)
+    fig.tight_layout()
+    return fig
+
+
+def contrastive_maps(study: ContrastSet, n_show: int) -> plt.Figure:
+    """One row per image: the image, then the map along "A minus B" for each pair of :attr:`ContrastSet.pairs`."""
+    from .spatial import contrastive_heatmap
+
+    shown = pictures(study.preprocess, study.images[:n_show])
+    families = list(study.contrasts)
+    fig, axes = _grid(len(shown), len(study.pairs) + 1, 2.3, 2.3)
+    for r, picture in enumerate(shown):
+        texts = study.texts(r)
+        axes[r, 0].imshow(picture)
+        axes[r, 0].set_axis_off()
+        for c, (a, b) in enumerate(study.pairs, start=1):
+            (name_a, text_a), (name_b, text_b) = texts[families.index(a)], texts[families.index(b)]
+            heat = contrastive_heatmap(study.parts, text_a, text_b, study.size)[r]
+            overlay(axes[r, c], picture, heat, title=f"{name_a} - {name_b}")
+    fig.tight_layout()
+    return fig
+
+
+def head_grid(maps: torch.Tensor, layers: Sequence[int], title: str) -> plt.Figure:
+    """[L', H, rows, cols] patch maps, one small map per head (rows: layers), on one colour scale."""
+    limit = maps.abs().max().item() or 1.0
+    fig, axes = _grid(maps.shape[0], maps.shape[1], 1.4, 1.4)
+    for i, layer in enumerate(layers):
+        for h in range(maps.shape[1]):
+            axes[i, h].imshow(maps[i, h], cmap="RdBu_r", vmin=-limit, vmax=limit)
+            axes[i, h].set_xticks([])
+            axes[i, h].set_yticks([])
+            if h == 0:
+                axes[i, h].set_ylabel(f"L{layer}", fontsize=8)
+            if i == 0:
+                axes[i, h].set_title(f"H{h}", fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def image_maps(images: np.ndarray, maps: torch.Tensor, title: str) -> plt.Figure:
+    """One row: each image ([n, H, W, 3]) with its map ([n, H, W]) overlaid."""
+    fig, axes = _grid(1, len(images), 2.3, 2.5)
+    for r, (image, heat) in enumerate(zip(images, maps)):
+        overlay(axes[0, r], image, heat, title=f"image {r}")
+    fig.suptitle(title, y=1.05)
+    return fig
+
+
+def segmentation_gallery(comparison: Comparison, class_names: Sequence[str], preprocess: Callable) -> plt.Figure:
+    """One row per gallery image: the image with its mask outlined and its predicted class, then each
+    method's map (0 to 1) with the mask outline on top."""
+    gallery, methods = comparison.gallery, comparison.methods
+    shown = pictures(preprocess, gallery.images)
+    fig, axes = _grid(len(shown), len(methods) + 1, 2.1, 2.2)
+    for r, picture in enumerate(shown):
+        mask = gallery.masks[r].numpy()
+        axes[r, 0].imshow(picture)
+        axes[r, 0].contour(mask, levels=[0.5], colors="white", linewidths=1)
+        axes[r, 0].set_title("pred: " + class_names[int(gallery.predicted[r])][:22], fontsize=8)
+        for c, name in enumerate(methods, start=1):
+            axes[r, c].imshow(gallery.maps[name][r].numpy(), cmap="inferno", vmin=0, vmax=1)
+            axes[r, c].contour(mask, levels=[0.5], colors="cyan", linewidths=0.8)
+            if r == 0:
+                axes[r, c].set_title(name, fontsize=9)
+    for ax in axes.flat:
+        ax.set_axis_off()
+    fig.tight_layout()
     return fig
