@@ -18,9 +18,9 @@ Example:
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -108,9 +108,10 @@ class PropertyImages:
     def properties(self) -> list[str]:
         return list(self.labels)
 
-    def images(self) -> torch.Tensor:
-        """[n, 3, H, W] the preprocessed images, in order."""
-        return torch.stack([self.dataset.image(int(i)) for i in self.indices])
+    def images(self, positions: Sequence[int] | None = None) -> torch.Tensor:
+        """[n, 3, H, W] the preprocessed images, in order (or only those at ``positions``)."""
+        chosen = self.indices if positions is None else self.indices[list(positions)]
+        return torch.stack([self.dataset.image(int(i)) for i in chosen])
 
     def describe(self, i: int) -> dict[str, str]:
         """Property -> value name of image ``i``, e.g. ``{"colour": "red", "shape": "star", ...}``."""

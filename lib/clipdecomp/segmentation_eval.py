@@ -21,13 +21,14 @@ Example:
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
 
+from . import toy
 from .imagenet_seg import HOW_TO_GET, ImageNetSegmentation, MaskHandling, align_mask
 from .loading import ClipBundle
 from .seg_metrics import SegmentationMeter
@@ -120,8 +121,6 @@ def segmentation_set(bundle: ClipBundle, dataset: str = "toy", *, path: str | Pa
     if n_images is not None and n_images < 1:
         raise ValueError(f"n_images must be positive or None, got {n_images}.")
     if dataset == "toy":
-        from . import toy
-
         samples = toy.sample(n_images or 200, seed=seed, split="uniform")
         colours, shapes = toy.ATTRIBUTES["colour"], toy.ATTRIBUTES["shape"]
         names = list(class_names or [f"{colour} {shape}" for shape in shapes for colour in colours])

@@ -17,18 +17,21 @@ Example:
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import toy
 from .decomposition import Decomposition, decompose_batches
+from .imagenet_seg import ImageNetSegmentation, align_mask
 from .loading import ClipBundle
+from .zero_shot import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES, toy_classifiers, zero_shot_classifier
 
-__all__ = ["patch_scores", "heatmap", "contrastive_heatmap", "joint_map", "joint_maps", "strongest_head", "overlay",
+__all__ = ["patch_scores", "heatmap", "contrastive_heatmap", "joint_map", "joint_maps", "strongest_head",
            "pointing_game", "Contrast", "ContrastSet", "class_contrasts", "TOY_CONTRASTS"]
 
 TOY_CONTRASTS = {"colour": True, "shape": True, "background": False}
@@ -101,19 +104,6 @@ def strongest_head(maps: torch.Tensor, layers: Sequence[int]) -> tuple[tuple[int
     row, head = divmod(int(strength.argmax()), strength.shape[1])
     positive = strength.clamp_min(0).sum().item()
     return (layers[row], head), (strength.max().item() / positive if positive > 0 else 0.0)
-
-
-def overlay(ax, image: np.ndarray, heat: torch.Tensor | np.ndarray, alpha: float = 0.55,
-            cmap: str = "RdBu_r", title: str | None = None) -> None:
-    """Draw ``heat`` ([H, W]) over ``image`` on a matplotlib axis, symmetric colour scale around 0."""
-    heat = heat.detach().cpu().numpy() if isinstance(heat, torch.Tensor) else np.asarray(heat)
-    limit = float(np.abs(heat).max()) or 1.0
-    ax.imshow(image)
-    ax.imshow(heat, cmap=cmap, alpha=alpha, vmin=-limit, vmax=limit,
-              extent=(-0.5, image.shape[1] - 0.5, image.shape[0] - 0.5, -0.5))
-    ax.set_axis_off()
-    if title:
-        ax.set_title(title, fontsize=9)
 
 
 def pointing_game(heat: torch.Tensor, masks: torch.Tensor | np.ndarray) -> torch.Tensor:
@@ -234,14 +224,9 @@ def class_contrasts(bundle: ClipBundle, dataset: str | Path = "toy", n_images: i
         mask_handling: how ImageNet-segmentation masks follow the preprocess (see
             :mod:`clipdecomp.imagenet_seg`).
     """
-    from .imagenet_seg import ImageNetSegmentation, align_mask
-    from .zero_shot import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES, toy_classifiers, zero_shot_classifier
-
     if n_images < 1:
         raise ValueError(f"n_images must be positive, got {n_images}.")
     if str(dataset) == "toy":
-        from . import toy
-
         samples = toy.sample(n_images, seed=seed, split="uniform")
         images = bundle.preprocess_batch(samples.images).cpu()
         masks = torch.stack([align_mask(mask, bundle.preprocess) for mask in samples.masks])
