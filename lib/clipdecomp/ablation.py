@@ -12,7 +12,6 @@ all heads). Mean-ablating a component replaces it by its mean over the evaluated
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Sequence
 
@@ -20,14 +19,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .components import parse_label
 from .decomposition import Decomposition
 from .loading import ClipBundle
 from .towers import Tower, attention, vision_tower
 
 __all__ = ["mean_ablate", "intervene", "all_mlps", "attention_layers", "cls_terms", "heads_of"]
-
-_LABEL = re.compile(r"^(embed|mlp_(\d+)|attn_(\d+)|cls_(\d+)|L(\d+)H(\d+))$")
-
 
 def all_mlps(n_layers: int, with_embedding: bool = True) -> list[str]:
     """Every MLP (and, as in the paper's "MLPs" row, the CLS embedding term)."""
@@ -49,25 +46,24 @@ def heads_of(pairs: Iterable[tuple[int, int]]) -> list[str]:
     return [f"L{l}H{h}" for l, h in pairs]
 
 
-def _parse(labels: Sequence[str], n_layers: int, n_heads: int) -> list[tuple[str, int, int]]:
-    """Validate labels into (kind, layer, head) triples."""
+def _parse(labels: Sequence[str], n_layers: int, n_heads: int,
+           n_tokens: int | None = None) -> list[tuple[str, int, int, int]]:
+    """Validate labels (the :mod:`~clipdecomp.components` grammar) into (kind, layer, head, token)."""
     parsed = []
     for label in labels:
-        match = _LABEL.match(label)
-        if not match:
-            raise ValueError(f"Unknown component {label!r}: use 'embed', 'mlp_L', 'attn_L', 'cls_L' or 'LxHy'.")
-        numbers = [int(g) for g in match.groups()[1:] if g is not None]
-        kind = "head" if label.startswith("L") else label.split("_")[0]
-        layer, head = (numbers + [0, 0])[:2]
-        if kind != "embed" and not 0 <= layer < n_layers:
-            raise IndexError(f"{label}: layer {layer} out of range (the model has {n_layers} layers).")
-        if kind == "head" and not 0 <= head < n_heads:
-            raise IndexError(f"{label}: head {head} out of range (each layer has {n_heads} heads).")
-        parsed.append((kind, layer, head))
+        c = parse_label(label, n_layers, n_heads, n_tokens)
+        if c.kind == "pool_mlp":
+            raise ValueError(f"{label}: the attention pool's MLP is part of the readout; mean-ablation covers the "
+                             "trunk's components (embed, attn_L, mlp_L, cls_L, LxHy, LxHyTz).")
+        parsed.append((c.kind, c.layer or 0, c.head or 0, c.token or 0))
     return parsed
 
 
-def _part(parts: Decomposition, kind: str, layer: int, head: int) -> torch.Tensor:
+_NO_CLS = ("cls_L components are the CLS-attends-to-CLS terms, and this tower has no CLS token (its attention "
+           "pool reads every token): ablate heads or layers instead.")
+
+
+def _part(parts: Decomposition, kind: str, layer: int, head: int, token: int) -> torch.Tensor:
     if kind == "embed":
         return parts.embedding
     if kind == "mlp":
@@ -75,9 +71,15 @@ def _part(parts: Decomposition, kind: str, layer: int, head: int) -> torch.Tenso
     if kind == "attn":
         return parts.attns[:, layer]
     if kind == "cls":
+        if parts.readout != "cls":
+            raise ValueError(_NO_CLS)
         return parts.cls_to_cls[:, layer].sum(1)
     if layer not in parts.head_layers:
         raise ValueError(f"L{layer}H{head}: layer {layer} has no head detail; decompose with layers including {layer}.")
+    if kind == "token":
+        if not parts.spatial:
+            raise ValueError(f"L{layer}H{head}T{token}: per-token components need decompose(..., spatial=True).")
+        return parts.heads[:, parts.head_layers.index(layer), token, head]
     return parts.head_terms()[:, parts.head_layers.index(layer), head]
 
 
@@ -90,8 +92,9 @@ def mean_ablate(parts: Decomposition, ablate: Sequence[str], means: Decompositio
     """
     means = parts if means is None else means
     total = parts.total().clone()
-    for kind, layer, head in _parse(list(dict.fromkeys(ablate)), parts.n_layers, parts.n_heads):
-        total += _part(means, kind, layer, head).mean(0) - _part(parts, kind, layer, head)
+    n_tokens = parts.heads.shape[2] if parts.spatial else None
+    for component in _parse(list(dict.fromkeys(ablate)), parts.n_layers, parts.n_heads, n_tokens):
+        total += _part(means, *component).mean(0) - _part(parts, *component)
     return total
 
 
@@ -145,21 +148,27 @@ def _cls_target(tower: Tower, layer: int) -> _Target:
     return _Target(f"cls{layer}", block.attn_write, read=read, shift=shift, layer=layer)
 
 
-def _targets(tower: Tower, parsed: list[tuple[str, int, int]]) -> list[_Target]:
-    """One target per whole component in the order given, then per layer its heads and its CLS terms."""
+def _targets(tower: Tower, parsed: list[tuple[str, int, int, int]]) -> list[_Target]:
+    """One target per whole component in the order given, then per layer its heads and its CLS terms.
+
+    The embedding is ablated where the readout reads it directly: the CLS token, or every token of an
+    attention-pool tower.
+    """
+    if not tower.has_cls and any(kind == "cls" for kind, *_ in parsed):
+        raise ValueError(_NO_CLS)
     targets = []
-    for kind, layer, _ in parsed:
+    for kind, layer, *_ in parsed:
         if kind == "embed":
-            targets.append(_whole_output("embed", tower.embed, slice(0, 1)))  # the CLS token's embedding
+            targets.append(_whole_output("embed", tower.embed, slice(0, 1) if tower.has_cls else slice(None)))
         elif kind in ("mlp", "attn"):
             block = tower.blocks[layer]
             module = block.mlp_write if kind == "mlp" else block.attn_write
             targets.append(_whole_output(f"{kind}{layer}", module, slice(None)))
     heads: dict[int, list[int]] = {}
-    for kind, layer, head in parsed:
+    for kind, layer, head, _ in parsed:
         if kind == "head":
             heads.setdefault(layer, []).append(head)
-    cls_layers = {layer for kind, layer, _ in parsed if kind == "cls"}
+    cls_layers = {layer for kind, layer, *_ in parsed if kind == "cls"}
     for layer in sorted(set(heads) | cls_layers):
         targets += [_heads_target(tower, layer, heads[layer])] if layer in heads else []
         targets += [_cls_target(tower, layer)] if layer in cls_layers else []
@@ -202,6 +211,9 @@ def intervene(bundle: ClipBundle | torch.nn.Module, batches: Iterable[torch.Tens
     """
     tower = vision_tower(bundle)
     parsed = _parse(list(dict.fromkeys(ablate)), tower.n_layers, tower.n_heads)
+    if any(kind == "token" for kind, *_ in parsed):
+        raise ValueError("intervene ablates whole heads, layers and CLS terms; per-token components (LxHyTz) can "
+                         "only be mean-ablated on a spatial decomposition (mean_ablate).")
     if isinstance(batches, torch.Tensor):
         batches = batches.split(batch_size)
     elif isinstance(batches, Iterator):
