@@ -116,3 +116,20 @@ def test_paper_profile_reads_dataset_locations_and_fails_fast_without_them(tmp_p
     settings = chapter_parameters("paper", "notebooks/02_layer_ablations")
     assert settings["dataset"] == str(tmp_path / "val") and settings["model_spec"].startswith("ViT-L-14/")
     assert chapter_parameters("cpu", "notebooks/02_layer_ablations") == {"device": "cpu"}
+
+
+def test_setup_cells_command_rewrites_only_the_setup_cell(tmp_path):
+    import shutil
+
+    from clipdecomp.book.chapters import write_setup_cells
+
+    shutil.copy(NOTEBOOKS[0], tmp_path / NOTEBOOKS[0].name)
+    shutil.copy(NOTEBOOKS[1], tmp_path / NOTEBOOKS[1].name)
+    stale = nbformat.read(tmp_path / NOTEBOOKS[0].name, as_version=4)
+    next(c for c in stale.cells if c.cell_type == "code").source = "# an old setup cell"
+    nbformat.write(stale, tmp_path / NOTEBOOKS[0].name)
+    assert write_setup_cells(tmp_path) == [NOTEBOOKS[0].name]
+    fixed = nbformat.read(tmp_path / NOTEBOOKS[0].name, as_version=4)
+    original = nbformat.read(NOTEBOOKS[0], as_version=4)
+    assert [c.source for c in fixed.cells] == [c.source for c in original.cells]
+    assert write_setup_cells(tmp_path) == []

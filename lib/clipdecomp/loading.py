@@ -14,6 +14,17 @@ Spec forms accepted by :func:`load`:
 ``"ViT-B-16/path/to/weights.safetensors"`` or ``load("ViT-B-16", checkpoint=path)``
     An architecture plus a local checkpoint file (safetensors, or a torch file read with
     ``weights_only=True``: arbitrary pickles are refused).
+``"ViT-B-16-SigLIP"``, ``"ViT-B-16-SigLIP/webli"``
+    open_clip's SigLIP architectures (timm attention-pool image towers), random or pretrained. Their
+    tokenizer comes from the Hugging Face Hub: offline, a random-init model still loads and only
+    ``encode_text`` fails, saying how to get it.
+``"hf:openai/clip-vit-base-patch32"``, ``"hf:google/siglip-base-patch16-224"``
+    A Hugging Face transformers CLIP or SigLIP checkpoint (weights as safetensors), with its own image
+    processor and tokenizer; downloaded on the reader's machine, and offline a model that is not cached
+    fails within seconds saying how to get it.
+``"/path/to/hf_folder"``
+    A folder written by transformers' ``save_pretrained`` (``config.json`` + safetensors weights, and
+    the processor's files: ``preprocessor_config.json``, plus the tokenizer's for text).
 """
 from __future__ import annotations
 
@@ -31,6 +42,8 @@ import open_clip
 from PIL import Image
 import torch
 import torch.nn.functional as F
+
+from .paths import data_dir
 
 __all__ = ["ClipBundle", "load", "toy_model_dir", "WeightsUnavailableError", "file_sha256"]
 
@@ -52,7 +65,8 @@ class ClipBundle:
     """An open_clip CLIP in eval mode with everything needed to feed it.
 
     Attributes:
-        model: the unmodified ``open_clip.model.CLIP``.
+        model: the unmodified ``open_clip.model.CLIP``, or a :class:`~clipdecomp.towers.HFModel` around an
+            unmodified transformers CLIP or SigLIP model.
         preprocess: PIL image -> normalised [3, H, W] tensor (open_clip's eval transform).
         tokenizer: list of strings -> token ids.
         spec: the spec string the bundle was loaded from (recorded in caches and status pages).
@@ -110,9 +124,7 @@ class ClipBundle:
 
 def toy_model_dir() -> Path:
     """Folder holding the toy model (``$CLIPDECOMP_DATA/toy`` or the repository's ``data/toy``)."""
-    root = os.environ.get("CLIPDECOMP_DATA")
-    base = Path(root) if root else Path(__file__).resolve().parents[2] / "data"
-    return base / "toy"
+    return data_dir() / "toy"
 
 
 def file_sha256(path: str | Path) -> str:
@@ -145,6 +157,8 @@ def load(spec: str, device: str | torch.device = "cpu", *, checkpoint: str | Pat
                 "(git clone ...) and install with `pip install -e .`, or set CLIPDECOMP_DATA to the "
                 "repository's data/ folder.")
         return _from_local_dir(folder, spec, device, precision)
+    if spec.startswith("hf:") or (checkpoint is None and _is_hf_folder(Path(spec).expanduser())):
+        return _from_hugging_face(spec.removeprefix("hf:"), spec, device, precision, cache_dir)
     if checkpoint is None and Path(spec).expanduser().is_dir():
         return _from_local_dir(Path(spec).expanduser(), spec, device, precision)
 
@@ -169,7 +183,7 @@ def load(spec: str, device: str | torch.device = "cpu", *, checkpoint: str | Pat
         return _from_checkpoint(arch, Path(checkpoint), spec, device, precision, quick_gelu=False)
     if not tag:
         model, _, preprocess = open_clip.create_model_and_transforms(arch, device=device, precision=precision)
-        return _bundle(model, preprocess, open_clip.get_tokenizer(arch), spec, None, device)
+        return _bundle(model, preprocess, _open_clip_tokenizer(arch), spec, None, device)
     return _from_pretrained_tag(arch, tag, spec, device, precision, cache_dir)
 
 
@@ -231,7 +245,7 @@ def _from_checkpoint(arch: str, path: Path, spec: str, device, precision, quick_
             "(safetensors, or torch.load with weights_only=True, which refuses arbitrary pickled "
             "objects); the file may be truncated, corrupt, for another architecture, or an untrusted "
             "pickle. Re-download it or convert it to safetensors.") from error
-    return _bundle(model, preprocess, open_clip.get_tokenizer(arch), spec, file_sha256(path), device)
+    return _bundle(model, preprocess, _open_clip_tokenizer(arch), spec, file_sha256(path), device)
 
 
 def _from_pretrained_tag(arch, tag, spec, device, precision, cache_dir) -> ClipBundle:
@@ -290,3 +304,132 @@ def _reachable(host: str, timeout: float = 3.0) -> bool:
     worker.start()
     worker.join(timeout)
     return bool(result and result[0])
+
+
+# ------------------------------------------------------------------------------------------------------
+# Hugging Face: transformers checkpoints, and open_clip models whose tokenizer lives on the Hub.
+# ------------------------------------------------------------------------------------------------------
+
+HF_MODEL_TYPES = {"clip": "CLIPModel", "clip_vision_model": "CLIPVisionModelWithProjection",
+                  "siglip": "SiglipModel", "siglip_vision_model": "SiglipVisionModel"}
+"""transformers ``config.model_type`` -> the class loaded (``clip_vision_model`` checkpoints saved
+without a projection load as ``CLIPVisionModel``)."""
+
+_HF_FILES = ["*.json", "*.txt", "*.model", "model.safetensors", "model-*.safetensors"]
+
+
+def _is_hf_folder(path: Path) -> bool:
+    return path.is_dir() and (path / "config.json").is_file() and not (path / "open_clip_config.json").is_file()
+
+
+def _hub_message(what: str, repo: str) -> str:
+    return (f"{what} comes from the Hugging Face Hub ({repo}), is not in the local cache, and huggingface.co is "
+            "unreachable from this machine. Run this where the internet is available (e.g. Google Colab: use "
+            f"the 'Open in Colab' badge), or download it elsewhere (`huggingface-cli download {repo} --local-dir "
+            "DIR`) and pass the folder, or use the offline default load('toy').")
+
+
+class _Unavailable:
+    """A tokenizer that could not be had: calling it explains why (the image side still works)."""
+
+    def __init__(self, message: str, error: type[Exception] = WeightsUnavailableError):
+        self.message, self.error = message, error
+
+    def __call__(self, texts):
+        raise self.error(self.message)
+
+    def __repr__(self) -> str:
+        return f"<unavailable tokenizer: {self.message[:60]}...>"
+
+
+def _open_clip_tokenizer(arch: str):
+    """open_clip's tokenizer for ``arch``; a Hub-hosted one (SigLIP's) that cannot be fetched fails on use only."""
+    repo = ((open_clip.get_model_config(arch) or {}).get("text_cfg") or {}).get("hf_tokenizer_name")
+    if repo:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = any(isinstance(try_to_load_from_cache(repo, name), str)
+                     for name in ("tokenizer.json", "tokenizer_config.json"))
+        if not cached and not _reachable("huggingface.co"):
+            return _Unavailable(_hub_message(f"The tokenizer of {arch}", repo))
+    return open_clip.get_tokenizer(arch)
+
+
+class _HFPreprocess:
+    """PIL image -> [3, H, W] pixels through the checkpoint's own transformers image processor."""
+
+    def __init__(self, processor):
+        self.processor = processor
+
+    def __call__(self, image) -> torch.Tensor:
+        return self.processor(images=image.convert("RGB"), return_tensors="pt")["pixel_values"][0]
+
+    def __repr__(self) -> str:  # recorded in cache keys: the processor's whole configuration
+        import json
+
+        return f"{type(self.processor).__name__}({json.dumps(self.processor.to_dict(), sort_keys=True, default=str)})"
+
+
+class _HFTokenizer:
+    """list of strings -> [n, L] token ids, padded to the text tower's context length as in training."""
+
+    def __init__(self, tokenizer, context_length: int):
+        self.tokenizer, self.context_length = tokenizer, context_length
+
+    def __call__(self, texts: Sequence[str]) -> torch.Tensor:
+        return self.tokenizer(list(texts), padding="max_length", truncation=True, max_length=self.context_length,
+                              return_tensors="pt")["input_ids"]
+
+
+def _hf_snapshot(repo: str, cache_dir: str | None) -> Path:
+    """The local folder of a Hub checkpoint: the cached copy, else a download (fails fast offline)."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo, cache_dir=cache_dir, allow_patterns=_HF_FILES, local_files_only=True))
+    except LocalEntryNotFoundError:  # not cached: download it if the Hub is reachable
+        pass
+    if not _reachable("huggingface.co"):
+        raise WeightsUnavailableError(_hub_message(f"The model {repo}", repo))
+    return Path(snapshot_download(repo, cache_dir=cache_dir, allow_patterns=_HF_FILES))
+
+
+def _from_hugging_face(source: str, spec: str, device, precision: str, cache_dir: str | None) -> ClipBundle:
+    import transformers
+
+    from .towers import HFModel
+
+    folder = Path(source).expanduser() if Path(source).expanduser().is_dir() else _hf_snapshot(source, cache_dir)
+    weights = sorted(folder.glob("*.safetensors"))
+    if not (folder / "config.json").is_file() or not weights:
+        raise FileNotFoundError(f"{folder} is not a transformers checkpoint with safetensors weights (config.json and "
+                                "model.safetensors, as written by save_pretrained(folder)).")
+    config = transformers.AutoConfig.from_pretrained(folder)
+    name = HF_MODEL_TYPES.get(config.model_type)
+    if name is None:
+        raise NotImplementedError(f"{folder} holds a {config.model_type!r} model; supported transformers models: "
+                                  f"{', '.join(sorted(set(HF_MODEL_TYPES.values())))}.")
+    if name == "CLIPVisionModelWithProjection" and "CLIPVisionModelWithProjection" not in (config.architectures or []):
+        name = "CLIPVisionModel"
+    dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    if precision not in dtypes:
+        raise ValueError(f"precision must be one of {list(dtypes)} for transformers models, got {precision!r}.")
+    model = getattr(transformers, name).from_pretrained(folder, dtype=dtypes[precision], use_safetensors=True)
+    if not (folder / "preprocessor_config.json").is_file():
+        raise FileNotFoundError(f"{folder} has no preprocessor_config.json: save the checkpoint's processor beside the "
+                                "model (processor.save_pretrained(folder)), so images are preprocessed as in training.")
+    preprocess = _HFPreprocess(transformers.AutoImageProcessor.from_pretrained(folder))
+    text_config = getattr(config, "text_config", None)
+    tokenizer = _Unavailable(f"{spec} has no text tower (an image-only checkpoint): load the full CLIPModel or "
+                             "SiglipModel checkpoint to embed texts.", NotImplementedError)
+    if text_config is not None:
+        try:
+            tokenizer = _HFTokenizer(transformers.AutoTokenizer.from_pretrained(folder),
+                                     text_config.max_position_embeddings)
+        except (OSError, ValueError) as error:
+            tokenizer = _Unavailable(f"No tokenizer could be read from {folder} ({error}); save it beside the model "
+                                     "(processor.save_pretrained(folder)).", FileNotFoundError)
+    sha = file_sha256(weights[0]) if len(weights) == 1 else \
+        hashlib.sha256("".join(file_sha256(path) for path in weights).encode()).hexdigest()
+    return _bundle(HFModel(model.to(device)), preprocess, tokenizer, spec, sha, device)

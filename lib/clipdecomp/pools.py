@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from .checks import check_int, read_utf8
-from .loading import toy_model_dir
+from .paths import data_dir
 
 __all__ = ["POOL_NAMES", "load_pool", "pools_dir", "random_directions"]
 
@@ -31,7 +31,7 @@ POOL_NAMES = ("descriptions", "words", "toy")
 
 def pools_dir() -> Path:
     """Folder holding the named pools: ``$CLIPDECOMP_DATA/pools`` or the repository's ``data/pools``."""
-    return toy_model_dir().parent / "pools"
+    return data_dir() / "pools"
 
 
 def load_pool(name_or_path: str | Path) -> list[str]:

@@ -17,11 +17,12 @@ import nbformat
 import yaml
 
 from ..checks import check_texts_list
+from ..paths import repo_root
 from .chapters import add_colab_link
 from .links import broken_internal_links
 from .vendor import vendor
 
-__all__ = ["PROFILES", "CHAPTER_PARAMETERS", "DATA_VARIABLES", "DataVariable", "Run", "chapter_parameters", "repo_root",
+__all__ = ["PROFILES", "CHAPTER_PARAMETERS", "DATA_VARIABLES", "DataVariable", "Run", "chapter_parameters",
            "toc_notebooks", "select_chapters", "execute_notebooks", "build_site"]
 
 # Parameters injected into every notebook under each profile (only those a notebook declares).
@@ -71,11 +72,6 @@ class Run:
     entry: str
     seconds: float
     parameters: dict
-
-
-def repo_root() -> Path:
-    """The repository holding this (editable) package."""
-    return Path(__file__).resolve().parents[3]
 
 
 def toc_notebooks(root: Path) -> list[str]:
