@@ -13,6 +13,7 @@ field           shape                what
 ``heads``       [n, L', H, d']       per-head terms of ``head_layers`` (summed over patches)
 ``cls_to_cls``  [n, L, d']           CLS-attends-to-CLS terms, summed over heads
 ``norm``        [n]                  ``||y||`` before normalisation (always fp32)
+``pool_mlp``    [n, d']              attention-pool towers (SigLIP): the pool MLP's term
 ``patch_text``  see ``patch_detail`` per-patch terms of ``head_layers`` dotted with T text
                                      directions (only when ``text_directions`` is given)
 ==============  ===================  ========================================================
@@ -20,7 +21,7 @@ field           shape                what
 ``patch_detail`` picks how far ``patch_text`` is summed: ``"layer"`` (default) sums over heads ->
 [n, L', N, T] (per-layer heat maps); ``"head"`` keeps [n, L', N, H, T] (joint head x patch maps, for
 few texts); ``"sum"`` sums over layers and heads -> [n, N, T] (the paper's segmentation maps). Token 0
-is the CLS key; maps over the patch grid use ``[..., 1:, :]``.
+is the CLS key (an all-zero slot on towers without one); maps over the patch grid use ``[..., 1:, :]``.
 
 Storage: terms in fp16 (or ``dtype="float32"``); reductions such as :meth:`~DecompositionCache.mean`
 accumulate in float64 and return fp32. One folder per ``shard_size`` images, each a set of ``.npy``
@@ -90,11 +91,12 @@ __all__ = ["DecompositionCache", "ShardedArray", "StaleCacheError", "CacheLocked
            "CorruptCacheError", "CacheStorageError", "cache_key"]
 
 FORMAT = 2
-FIELDS = ("embedding", "attns", "mlps", "heads", "cls_to_cls", "norm", "patch_text")
+FIELDS = ("embedding", "attns", "mlps", "heads", "cls_to_cls", "norm", "pool_mlp", "patch_text")
 PatchDetail = Literal["layer", "head", "sum"]
 
 _SHARD = re.compile(r"shard_\d{5}")
-_SHARD_FILE = re.compile(r"(?:embedding|attns|mlps|heads|cls_to_cls|norm|patch_text|ids|indices|label_.+)\.npy")
+_SHARD_FILE = re.compile(r"(?:embedding|attns|mlps|heads|cls_to_cls|norm|pool_mlp|patch_text|ids|indices"
+                         r"|label_.+)\.npy")
 _TEMP = re.compile(r"\.(?:shard_\d{5}|manifest\.json|text_directions\.npy)\.clipdecomp-tmp-\d+")
 _SMALL_FILE = re.compile(r"(?:ids|indices|label_.+)\.npy")  # loaded whole on open, so hashed on every open
 _FORMAT_1_LEFTOVER = re.compile(r"\.lock|\.shard_\d{5}\.tmp-\d+")  # the lock file and temporaries of format 1
@@ -625,6 +627,7 @@ class DecompositionCache:
     heads = property(lambda self: self.field("heads"), doc="[n, L', H, d'] head terms of head_layers.")
     cls_to_cls = property(lambda self: self.field("cls_to_cls"), doc="[n, L, d'] CLS->CLS terms, summed over heads.")
     norm = property(lambda self: self.field("norm"), doc="[n] norm of the embedding before normalisation.")
+    pool_mlp = property(lambda self: self.field("pool_mlp"), doc="[n, d'] attention pools: the pool MLP's term.")
     patch_text = property(lambda self: self.field("patch_text"), doc="per-patch terms dotted with text directions.")
 
     def mean(self, component: str) -> np.ndarray:
@@ -637,6 +640,9 @@ class DecompositionCache:
         for (start, embed), (_, attns), (_, mlps) in zip(self.embedding.chunks(), self.attns.chunks(), self.mlps.chunks()):
             out[start:start + len(embed)] = (embed.astype(np.float64) + attns.sum(1, dtype=np.float64)
                                              + mlps.sum(1, dtype=np.float64))
+        if "pool_mlp" in self._fields:  # attention-pool towers: the pool MLP is a component too
+            for start, pool in self.pool_mlp.chunks():
+                out[start:start + len(pool)] += pool.astype(np.float32)
         return out
 
     def to_decomposition(self, rows=slice(None)) -> Decomposition:
@@ -653,7 +659,9 @@ class DecompositionCache:
         grid = tuple(size // patch for size, patch in zip(model["image_size"], model["patch_size"]))
         return Decomposition(embedding=load("embedding"), attns=load("attns"), mlps=load("mlps"), heads=load("heads"),
                              cls_to_cls=load("cls_to_cls")[:, :, None], norm=load("norm"),
-                             head_layers=self.head_layers, grid_size=grid, spatial=False)
+                             head_layers=self.head_layers, grid_size=grid, spatial=False,
+                             readout=model.get("readout", "cls"),
+                             pool_mlp=load("pool_mlp") if "pool_mlp" in self._fields else None)
 
     @classmethod
     def open(cls, folder: str | Path, expected_key: dict | None = None, *,
@@ -1025,6 +1033,8 @@ class _Build:
         parts = decompose(self.bundle, images.to(self.bundle.device), spatial=spatial, layers=self.head_layers)
         terms = {"embedding": parts.embedding, "attns": parts.attns, "mlps": parts.mlps,
                  "heads": parts.head_terms(), "cls_to_cls": parts.cls_to_cls.sum(2)}
+        if parts.pool_mlp is not None:
+            terms["pool_mlp"] = parts.pool_mlp
         if spatial:
             pattern = {"layer": "blnhd,td->blnt", "head": "blnhd,td->blnht", "sum": "blnhd,td->bnt"}[self.patch_detail]
             terms["patch_text"] = torch.einsum(pattern, parts.heads, self.texts)

@@ -23,6 +23,10 @@ upsampled bilinearly to the image size, clipped below 0 and min-max normalised p
   per layer ``R <- R + mean_h[(dlogit/dA ⊙ A)^+] R``; the CLS row of ``R``. Deviation: the LRP
   relevance of the first paper is replaced by the attention itself, as in the follow-up.
 
+Attention-pool towers (SigLIP) have no CLS token: their pool's learned query stands in for it. Raw
+attention is the pool's attention over the patches, rollout and Chefer's relevance end with the pool's
+(gradient-weighted) attention row times ``R`` instead of the CLS row, and Grad-CAM keeps every token.
+
 The baselines need every layer's attention probabilities and their gradients, which open_clip's
 ``nn.MultiheadAttention`` does not return. :func:`trace_vision` therefore runs the unmodified tower with
 forward hooks (the modules :mod:`clipdecomp.towers` names) that replace what each attention layer writes
@@ -60,11 +64,25 @@ class Trace:
         features: [B, d'] image features before L2 normalisation (= ``model.encode_image``).
         attentions: per layer, [B, heads, N, N] attention probabilities (query rows, key columns).
         last_input: [B, N, W] the last block's attention input (its ``ln_1`` output).
+        pool_attention: attention-pool towers: [B, heads, 1, N] the pool query's attention over the
+            tokens; None for CLS readouts.
     """
 
     features: torch.Tensor
     attentions: list[torch.Tensor]
     last_input: torch.Tensor
+    pool_attention: torch.Tensor | None = None
+
+    def readout_row(self, relevance: torch.Tensor, pool_row: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, patches] what the readout takes from each patch, given token-to-token ``relevance`` [B, N, N].
+
+        CLS readouts: the CLS row, CLS column dropped. Attention pools: ``pool_row`` [B, N] (default the
+        pool's attention, heads averaged) times ``relevance``.
+        """
+        if self.pool_attention is None:
+            return relevance[:, 0, 1:]
+        row = self.pool_attention.float().mean(1)[:, 0] if pool_row is None else pool_row
+        return (row[:, None] @ relevance)[:, 0]
 
 
 def _clip_model(model: nn.Module | ClipBundle) -> nn.Module:
@@ -85,10 +103,10 @@ def trace_vision(model: nn.Module | ClipBundle, images: torch.Tensor) -> Trace:
     """
     tower = vision_tower(model)
     images = tower.check_images(images)
-    inputs: dict[int, torch.Tensor] = {}
+    inputs: dict[int | str, torch.Tensor] = {}
     attentions: list[torch.Tensor] = []
 
-    def keep_input(index: int):
+    def keep_input(index: int | str):
         return lambda module, args, out: inputs.__setitem__(index, out)
 
     def recompute(index: int):
@@ -99,20 +117,32 @@ def trace_vision(model: nn.Module | ClipBundle, images: torch.Tensor) -> Trace:
             return weights.write(mixed)
         return hook
 
+    def recompute_pool(module, args, out):
+        mixed, probs = tower.pool.attention(inputs["pool"])
+        pooled.append(probs)
+        written = tower.pool.weights().write(mixed)
+        return (written, *out[1:]) if isinstance(out, tuple) else written
+
+    pooled: list[torch.Tensor] = []
     hooks = [h for i, block in enumerate(tower.blocks)
              for h in (block.attn_input.register_forward_hook(keep_input(i)),
                        block.attn_write.register_forward_hook(recompute(i)))]
+    if tower.pool is not None:
+        hooks += [tower.final_norm.register_forward_hook(keep_input("pool")),
+                  tower.pool.attn_write.register_forward_hook(recompute_pool)]
     try:
         features = tower.features(images)
     finally:
         for hook in hooks:
             hook.remove()
-    return Trace(features=features, attentions=attentions, last_input=inputs[tower.n_layers - 1])
+    return Trace(features=features, attentions=attentions, last_input=inputs[tower.n_layers - 1],
+                 pool_attention=pooled[0] if pooled else None)
 
 
 def _logits(features: torch.Tensor, classifier: torch.Tensor, model: nn.Module) -> torch.Tensor:
     """Zero-shot logits: scaled cosine similarity of the image features with each class embedding."""
-    scale = model.logit_scale.exp() if hasattr(model, "logit_scale") else 1.0
+    scale = getattr(model, "logit_scale", None)
+    scale = scale.exp() if scale is not None else 1.0
     return scale * F.normalize(features, dim=-1) @ classifier.to(features)
 
 
@@ -159,21 +189,25 @@ def decomposition(model: nn.Module | ClipBundle, images: torch.Tensor, classifie
 def raw_attention(model: nn.Module | ClipBundle, images: torch.Tensor,
                   classifier: torch.Tensor | None = None) -> torch.Tensor:
     """Last layer's CLS-to-patch attention, heads averaged ([B, H, W]); ``classifier`` is not used."""
-    last = trace_vision(model, images).attentions[-1].float()
-    return to_pixels(last.mean(1)[:, 0, 1:], vision_tower(model).grid_size, images.shape[-2:])
+    trace = trace_vision(model, images)
+    identity = torch.eye(trace.last_input.shape[1], device=trace.last_input.device)
+    scores = trace.readout_row(identity) if trace.pool_attention is not None else \
+        trace.readout_row(trace.attentions[-1].float().mean(1))
+    return to_pixels(scores, vision_tower(model).grid_size, images.shape[-2:])
 
 
 @torch.no_grad()
 def rollout(model: nn.Module | ClipBundle, images: torch.Tensor,
             classifier: torch.Tensor | None = None) -> torch.Tensor:
     """Attention rollout over all layers, CLS row ([B, H, W]); ``classifier`` is not used."""
-    attentions = trace_vision(model, images).attentions
+    trace = trace_vision(model, images)
+    attentions = trace.attentions
     eye = torch.eye(attentions[0].shape[-1], device=attentions[0].device)
     joint = eye
     for probs in attentions:
         mixed = probs.float().mean(1) + eye                                      # the residual keeps the token
         joint = (mixed / mixed.sum(-1, keepdim=True)) @ joint
-    return to_pixels(joint[:, 0, 1:], vision_tower(model).grid_size, images.shape[-2:])
+    return to_pixels(trace.readout_row(joint), vision_tower(model).grid_size, images.shape[-2:])
 
 
 def _predicted_logit(clip: nn.Module, trace: Trace, classifier: torch.Tensor) -> torch.Tensor:
@@ -190,7 +224,8 @@ def gradcam(model: nn.Module | ClipBundle, images: torch.Tensor, classifier: tor
     with torch.enable_grad():
         trace = trace_vision(clip, images.detach().requires_grad_())  # a graph even if weights are frozen
         grad, = torch.autograd.grad(_predicted_logit(clip, trace, classifier), trace.last_input)
-    tokens, grad = trace.last_input.detach().float()[:, 1:], grad.float()[:, 1:]
+    patches = slice(1, None) if tower.has_cls else slice(None)                   # the CLS token has no place
+    tokens, grad = trace.last_input.detach().float()[:, patches], grad.float()[:, patches]
     weights = grad.mean(1, keepdim=True)                                        # [B, 1, W] per-channel weight
     cam = (tokens * weights).sum(-1).clamp_min(0)
     return to_pixels(cam, tower.grid_size, images.shape[-2:])
@@ -203,12 +238,14 @@ def chefer(model: nn.Module | ClipBundle, images: torch.Tensor, classifier: torc
     _check_classifier(classifier, tower.output_dim)
     with torch.enable_grad():
         trace = trace_vision(clip, images.detach().requires_grad_())
-        grads = torch.autograd.grad(_predicted_logit(clip, trace, classifier), trace.attentions)
+        pool = [trace.pool_attention] if trace.pool_attention is not None else []
+        grads = torch.autograd.grad(_predicted_logit(clip, trace, classifier), trace.attentions + pool)
     relevance = torch.eye(trace.attentions[0].shape[-1], device=grads[0].device).expand(images.shape[0], -1, -1)
     for probs, grad in zip(trace.attentions, grads):
         weighted = (grad.float() * probs.detach().float()).clamp_min(0).mean(1)   # [B, N, N]
         relevance = relevance + weighted @ relevance
-    return to_pixels(relevance[:, 0, 1:], tower.grid_size, images.shape[-2:])
+    pool_row = (grads[-1].float() * pool[0].detach().float()).clamp_min(0).mean(1)[:, 0] if pool else None
+    return to_pixels(trace.readout_row(relevance, pool_row), tower.grid_size, images.shape[-2:])
 
 
 METHODS: dict[str, Method] = {
