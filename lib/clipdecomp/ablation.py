@@ -24,7 +24,8 @@ from .decomposition import Decomposition
 from .loading import ClipBundle
 from .towers import Tower, attention, vision_tower
 
-__all__ = ["mean_ablate", "intervene", "all_mlps", "attention_layers", "cls_terms", "heads_of"]
+__all__ = ["mean_ablate", "intervene", "all_mlps", "attention_layers", "cls_terms", "heads_of", "paper_ablations",
+           "ablation_study", "cumulative_sweep"]
 
 def all_mlps(n_layers: int, with_embedding: bool = True) -> list[str]:
     """Every MLP (and, as in the paper's "MLPs" row, the CLS embedding term)."""
@@ -232,3 +233,49 @@ def intervene(bundle: ClipBundle | torch.nn.Module, batches: Iterable[torch.Tens
     count = sum(len(batch) for batch in _hooked_run(tower, targets, batches, record))
     means = {key: total / count for key, total in sums.items()}
     return torch.cat(_hooked_run(tower, targets, batches, substitute))
+
+
+def paper_ablations(n_layers: int, last_k: int = 4) -> dict[str, list[str]]:
+    """The paper's ablation rows (Table 1 and Fig. 3): name -> components, baseline first."""
+    if not 1 <= last_k <= n_layers:
+        raise ValueError(f"last_k must lie in 1..{n_layers} (the model's layers), got {last_k!r}.")
+    early = n_layers - last_k
+    return {"baseline": [], "all MLPs (+ CLS embedding)": all_mlps(n_layers), "CLS-to-CLS attention terms": cls_terms(n_layers),
+            f"attention layers 0..{early - 1} (all but the last {last_k})": attention_layers(range(early)),
+            f"the last {last_k} attention layers": attention_layers(range(early, n_layers))}
+
+
+def ablation_study(parts: Decomposition, score: Callable[[torch.Tensor], dict[str, float]],
+                   rows: dict[str, list[str]], bundle: ClipBundle | None = None,
+                   batches: Iterable[torch.Tensor] | None = None) -> "pd.DataFrame":  # noqa: F821
+    """Per row and task: accuracy after mean-ablation on the cached decomposition, and (with ``bundle``
+    and ``batches``, the same images) after the real intervention, with their gap; fractions.
+
+    ``score`` maps [n, d'] embeddings to ``{task: accuracy}`` (e.g. ``EvaluationSet.accuracies``).
+    """
+    import pandas as pd
+
+    records = []
+    for name, components in rows.items():
+        cached = score(mean_ablate(parts, components))
+        real = score(intervene(bundle, batches, components)) if components and bundle is not None else cached
+        records += [{"ablation": name, "task": task, "cached": cached[task], "real": real[task],
+                     "gap (real - cached)": real[task] - cached[task]} for task in cached]
+    return pd.DataFrame(records)
+
+
+def cumulative_sweep(parts: Decomposition, score: Callable[[torch.Tensor], dict[str, float]],
+                     bundle: ClipBundle | None = None,
+                     batches: Iterable[torch.Tensor] | None = None) -> "pd.DataFrame":  # noqa: F821
+    """Accuracy per task after mean-ablating attention layers ``0..l``, for every ``l``: one row per ``l``,
+    columns ``"{task} (cached)"`` and, with ``bundle`` and ``batches``, ``"{task} (real)"``."""
+    import pandas as pd
+
+    sweep = []
+    for upto in range(parts.n_layers):
+        components = attention_layers(range(upto + 1))
+        row = {f"{t} (cached)": v for t, v in score(mean_ablate(parts, components)).items()}
+        if bundle is not None:
+            row.update({f"{t} (real)": v for t, v in score(intervene(bundle, batches, components)).items()})
+        sweep.append(row)
+    return pd.DataFrame(sweep, index=pd.Index(range(parts.n_layers), name="up to layer"))

@@ -290,3 +290,18 @@ def segmentation_gallery(comparison: Comparison, class_names: Sequence[str], pre
         ax.set_axis_off()
     fig.tight_layout()
     return fig
+
+
+def cumulative_sweep(sweep: "pd.DataFrame", tasks: Sequence[str]) -> plt.Figure:  # noqa: F821
+    """Accuracy per task as attention layers 0..l are mean-ablated: cached and (if present) real."""
+    kinds = [kind for kind in ("cached", "real") if f"{tasks[0]} ({kind})" in sweep]
+    fig, axes = plt.subplots(1, len(kinds), figsize=(5.5 * len(kinds), 3.6), sharey=True, squeeze=False)
+    for ax, kind in zip(axes[0], kinds):
+        for task in tasks:
+            ax.plot(sweep.index, 100 * sweep[f"{task} ({kind})"], "o-", label=task)
+        ax.set_xlabel("attention layers 0..l mean-ablated")
+        ax.set_title(kind)
+    axes[0, 0].set_ylabel("zero-shot accuracy (%)")
+    axes[0, -1].legend(fontsize=8)
+    fig.suptitle("Cumulative mean-ablation of attention layers", y=1.02)
+    return fig

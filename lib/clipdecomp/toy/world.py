@@ -17,11 +17,19 @@ Recipe of the spurious correlation (``SPURIOUS_RATE`` = 0.95):
 * ``split="uniform"``: every attribute independent and uniform (no correlation) — the zero-shot
   evaluation of the ordinary attributes uses it.
 
-Each image also gets one caption. Half the captions name a single attribute ("a red object",
-"something on sand", "an object in the top left"); the rest name a random subset of two or more
-("a large blue star in the bottom right on sand"). ``mentions`` records which attributes a caption
-names, so a contrastive loss can treat every caption whose named attributes match an image as a
-positive for it.
+Objects have a radius of 12 or 16 px on a 3 x 3 grid of centres 16 / 32 / 48 px, so with 8-px patches
+a shape's outline spans several patches, and objects cover about 12% of the pixels.
+
+Each image also gets one caption. By default half the captions name a single attribute ("a red
+object", "something on sand", "an object in the top left"); the rest name a random subset of two or
+more ("a large blue star in the bottom right on sand"). ``mentions`` records which attributes a
+caption names, so a contrastive loss can treat every caption whose named attributes match an image as
+a positive for it. Training options of :func:`sample` shape the mix: ``position_rate`` and
+``shape_rate`` make a caption's focus the position or the shape more often; ``hard_negatives``
+arranges groups of near-duplicate images that differ in one attribute (``hn_position``,
+``hn_shape``: how often that attribute is the position or the shape); ``label_majority`` names
+"round"/"angular" only for majority-group images, as web captions of birds name them mostly in
+their usual habitat.
 
 Seeds: ``sample(n, seed, split=...)`` is a pure function of its arguments. The split name is mixed
 into the random stream, so a training seed never produces the same images as an evaluation seed.
