@@ -80,8 +80,7 @@ def build_explorer(images: np.ndarray, queries: Sequence[int], spatial_parts: De
     text_choice = widgets.Dropdown(options=[(text, i) for i, text in enumerate(texts)], description="text")
     head_pages = []
     for card in cards:
-        layer, head = (int(x) for x in card.label[1:].split("H"))
-        maps = [heatmap(spatial_parts, text_embeddings[t], size, heads=[(layer, head)]).cpu().numpy()
+        maps = [heatmap(spatial_parts, text_embeddings[t], size, heads=[card.label]).cpu().numpy()
                 for t in range(len(texts))]
         per_image = []
         for row, query in enumerate(queries):

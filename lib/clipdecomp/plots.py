@@ -305,3 +305,74 @@ def cumulative_sweep(sweep: "pd.DataFrame", tasks: Sequence[str]) -> plt.Figure:
     axes[0, -1].legend(fontsize=8)
     fig.suptitle("Cumulative mean-ablation of attention layers", y=1.02)
     return fig
+
+
+def toy_gallery(samples: "ToySamples", n: int = 8, masks: bool = False) -> plt.Figure:  # noqa: F821
+    """The first ``2n`` toy images with a caption each, or ``n`` images above their object masks."""
+    fig, axes = plt.subplots(2, n, figsize=(1.75 * n, 4.4 if not masks else 3.8))
+    for i in range(n):
+        top, bottom = axes[0, i], axes[1, i]
+        top.imshow(samples.images[i])
+        bottom.imshow(samples.masks[i] if masks else samples.images[n + i], cmap="gray" if masks else None)
+        if masks:
+            top.set_title(", ".join(v for k, v in samples.describe(i).items() if k in ("shape", "colour", "position")),
+                          fontsize=7)
+        else:
+            for ax, caption in ((top, samples.captions[i]), (bottom, samples.captions[n + i])):
+                ax.set_title(caption if len(caption) < 28 else caption[:26] + "...", fontsize=6)
+        top.set_axis_off()
+        bottom.set_axis_off()
+    if not masks:
+        fig.suptitle("Toy-world samples with one of their training captions")
+    return fig
+
+
+def training_curve(card: dict) -> plt.Figure:
+    """A model card's training loss and held-out zero-shot accuracies against the step."""
+    import pandas as pd
+
+    curve = pd.DataFrame(card["curve"]).set_index("step")
+    tasks = [t for t in ("colour", "background", "shape", "position", "size", "spurious", "spurious_worst") if t in curve]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.4))
+    axes[0].plot(curve.index, curve["loss"])
+    axes[0].set_title("training loss")
+    axes[0].set_xlabel("step")
+    for task in tasks:
+        axes[1].plot(curve.index, 100 * curve[task], marker="o", label=task.replace("_", " "))
+    axes[1].set_title("held-out zero-shot accuracy (%) during training")
+    axes[1].set_xlabel("step")
+    axes[1].legend(fontsize=8)
+    return fig
+
+
+def layer_contributions(parts: "Decomposition", embedding: "torch.Tensor", title: str = "") -> plt.Figure:  # noqa: F821
+    """Per layer, for image 0: the norm of each attention layer's and MLP's direct term, and its
+    contribution along the (unit) embedding; the CLS embedding term as a dotted line."""
+    stacked, labels = parts.stack("layer")
+    norms = stacked[0].norm(dim=-1).cpu().numpy()
+    along = (stacked[0] @ embedding[0]).cpu().numpy()
+    attn = [i for i, name in enumerate(labels) if name.startswith("attn")]
+    mlp = [i for i, name in enumerate(labels) if name.startswith("mlp")]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.2), sharex=True)
+    for ax, values, name in ((axes[0], norms, "norm of the direct contribution"),
+                             (axes[1], along, "contribution along the embedding")):
+        ax.plot(range(len(attn)), values[attn], "o-", label="attention layer")
+        ax.plot(range(len(mlp)), values[mlp], "s--", label="MLP")
+        ax.axhline(values[0], color="gray", lw=1, ls=":", label="CLS embedding")
+        ax.set_xlabel("layer")
+        ax.set_title(name)
+    axes[0].legend()
+    fig.suptitle(title, y=1.02)
+    return fig
+
+
+def head_norms(parts: "Decomposition") -> plt.Figure:  # noqa: F821
+    """Heat map of the norm of each head's direct term for image 0 (layers x heads)."""
+    norms = parts.head_terms()[0].norm(dim=-1).cpu().numpy()
+    fig, ax = plt.subplots(figsize=(max(4, norms.shape[1] * 0.5), max(3, norms.shape[0] * 0.3)))
+    image = ax.imshow(norms, cmap="viridis", aspect="auto")
+    ax.set_xlabel("head")
+    ax.set_ylabel("layer")
+    ax.set_title("norm of each head's direct contribution")
+    fig.colorbar(image, ax=ax)
+    return fig

@@ -12,8 +12,10 @@ its class embedding minus the mean over the family's classes ("red rather than a
 :meth:`ContrastSet.pointing_game` then scores the maps against the masks.
 
 Example:
-    >>> study = class_contrasts(clipdecomp.load("toy"), "toy", n_images=64)
-    >>> study.pointing_game()          # hit rate and chance per contrast (fractions)
+    >>> import clipdecomp
+    >>> study = class_contrasts(clipdecomp.load("toy"), "toy", n_images=8)
+    >>> list(study.pointing_game().columns)          # per contrast, fractions
+    ['hit rate', 'chance', 'a hit means']
 """
 from __future__ import annotations
 
@@ -38,17 +40,28 @@ TOY_CONTRASTS = {"colour": True, "shape": True, "background": False}
 """Toy attribute -> where its map should peak: on the object (True) or off it (False)."""
 
 
-def _select(parts: Decomposition, heads: Sequence[tuple[int, int]] | None) -> torch.Tensor:
-    """[B, N, d'] per-token terms summed over ``heads`` (default: every head with spatial detail)."""
+def _select(parts: Decomposition, heads: Sequence[tuple[int, int] | str] | None) -> torch.Tensor:
+    """[B, N, d'] per-token terms summed over ``heads`` ((layer, head) pairs or labels such as "L4H2";
+    default: every head with spatial detail)."""
     if not parts.spatial:
         raise ValueError("Spatial maps need decompose(..., spatial=True).")
     if heads is None:
         return parts.heads.sum((1, 3))
+    heads = [_head_pair(parts, head) for head in heads]
     missing = sorted({l for l, _ in heads if l not in parts.head_layers})
     if missing:
         raise ValueError(f"Layers {missing} have no spatial detail; decompose with layers including them "
                          f"(have {parts.head_layers}).")
     return sum(parts.heads[:, parts.head_layers.index(l), :, h] for l, h in heads)
+
+
+def _head_pair(parts: Decomposition, head: tuple[int, int] | str) -> tuple[int, int]:
+    """A (layer, head) pair from a pair or a head label, checked against the decomposition."""
+    label = head if isinstance(head, str) else f"L{head[0]}H{head[1]}"
+    component = parse_label(label, parts.n_layers, parts.n_heads)
+    if component.kind != "head":
+        raise ValueError(f"{label}: spatial maps sum whole heads; name a head such as 'L4H2'.")
+    return component.layer, component.head
 
 
 def _along(terms: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
