@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from . import toy
+from .components import parse_label
 from .decomposition import Decomposition, decompose_batches
 from .imagenet_seg import ImageNetSegmentation, align_mask
 from .loading import ClipBundle
