@@ -1,4 +1,5 @@
 """ImageNet-segmentation loader on a tiny file written here in the layout of gtsegs_ijcv.mat."""
+
 from __future__ import annotations
 
 import h5py
@@ -21,9 +22,11 @@ def _item(height: int, width: int, box: tuple[slice, slice]) -> tuple[np.ndarray
     return image.astype(np.uint8), mask
 
 
-ITEMS = [_item(40, 60, (slice(5, 20), slice(2, 12))),    # wide: the object sits in the cropped-off left
-         _item(36, 24, (slice(25, 34), slice(4, 20))),   # tall: the object sits in the cropped-off bottom
-         _item(32, 32, (slice(8, 24), slice(8, 24)))]
+ITEMS = [
+    _item(40, 60, (slice(5, 20), slice(2, 12))),  # wide: the object sits in the cropped-off left
+    _item(36, 24, (slice(25, 34), slice(4, 20))),  # tall: the object sits in the cropped-off bottom
+    _item(32, 32, (slice(8, 24), slice(8, 24))),
+]
 
 
 def write_fixture(path, items) -> None:
@@ -33,7 +36,7 @@ def write_fixture(path, items) -> None:
         image_refs, mask_refs = [], []
         for i, (image, mask) in enumerate(items):
             image_refs.append(refs.create_dataset(f"img{i}", data=image.transpose(2, 1, 0)).ref)  # [3, W, H]
-            mask_refs.append(refs.create_dataset(f"gt{i}", data=mask.T.astype(np.uint8)).ref)     # [W, H]
+            mask_refs.append(refs.create_dataset(f"gt{i}", data=mask.T.astype(np.uint8)).ref)  # [W, H]
         value = f.create_group("value")
         value.create_dataset("img", data=np.array(image_refs, dtype=h5py.ref_dtype)[:, None])
         value.create_dataset("gt", data=np.array(mask_refs, dtype=h5py.ref_dtype)[:, None])
@@ -78,7 +81,7 @@ def test_authors_masks_are_misaligned_on_non_square_images(fixture_path):
         for i in range(3):
             image, mask = data[i]
             assert mask.shape == (16, 16)
-            assert torch.equal(mask, _red(image)) == (i == 2)    # only the square image lines up
+            assert torch.equal(mask, _red(image)) == (i == 2)  # only the square image lines up
             assert torch.equal(mask, square_mask(ITEMS[i][1], (16, 16)))
 
 
@@ -90,8 +93,8 @@ def test_align_mask_follows_open_clips_eval_transform():
     tensor = preprocess(Image.fromarray(image))
     aligned = align_mask(mask, preprocess)
     assert aligned.shape == tensor.shape[-2:]
-    red = tensor[0] > tensor[2]                               # normalised, bicubic: compare channels
-    assert (aligned == red).float().mean() > 0.95              # up to the bicubic edge pixels
+    red = tensor[0] > tensor[2]  # normalised, bicubic: compare channels
+    assert (aligned == red).float().mean() > 0.95  # up to the bicubic edge pixels
     with pytest.raises(NotImplementedError, match="authors"):
         align_mask(mask, T.Compose([T.RandomRotation(10)]))
 

@@ -1,5 +1,6 @@
 """Chapter 4's experiment (retrieval.evaluate) against brute-force neighbour counts and variance shares,
 on the toy model and on tiny Waterbirds and image-folder fixtures."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -32,7 +33,7 @@ def between_share(terms: torch.Tensor, values: np.ndarray) -> float:
     x = terms.double().numpy()
     centred = x - x.mean(0)
     between = sum((values == v).sum() * np.sum(centred[values == v].mean(0) ** 2) for v in np.unique(values))
-    return float(between / np.sum(centred ** 2))
+    return float(between / np.sum(centred**2))
 
 
 def test_toy_evaluation_matches_brute_force(toy_bundle):
@@ -44,26 +45,40 @@ def test_toy_evaluation_matches_brute_force(toy_bundle):
     choose, measure = study.choose.numpy(), study.measure.numpy()
     assert sorted([*choose, *measure]) == list(range(40)) and len(choose) == 20 and study.k == 4
     table = study.table()
-    assert list(table.index) == [f"{p} head L{l}H{h}" for p, (l, h) in study.chosen.items()] + ["full embedding",
-                                                                                                 "chance"]
+    assert list(table.index) == [f"{p} head L{l}H{h}" for p, (l, h) in study.chosen.items()] + [
+        "full embedding",
+        "chance",
+    ]
     for p in retrieval.TOY_PROPERTIES:
         values = samples.attributes[p]
         assert np.array_equal(study.images.labels[p], values)
-        scores = {(layer, h): between_share(parts.heads[choose, i, h], values[choose])
-                  for i, layer in enumerate(parts.head_layers) for h in range(parts.n_heads)}
+        scores = {
+            (layer, h): between_share(parts.heads[choose, i, h], values[choose])
+            for i, layer in enumerate(parts.head_layers)
+            for h in range(parts.n_heads)
+        }
         assert study.chosen[p] == max(scores, key=scores.get)
-        agreement = {(layer, h): brute_agreement(parts.heads[choose, i, h], values[choose], 4)
-                     for i, layer in enumerate(parts.head_layers) for h in range(parts.n_heads)}
+        agreement = {
+            (layer, h): brute_agreement(parts.heads[choose, i, h], values[choose], 4)
+            for i, layer in enumerate(parts.head_layers)
+            for h in range(parts.n_heads)
+        }
         assert agreement[study.best_retrieval[p]] == pytest.approx(max(agreement.values()))
         same = values[measure][:, None] == values[measure][None]
-        assert table.loc["chance", p] == pytest.approx((same.sum() - len(measure)) / (len(measure) * (len(measure) - 1)))
-        assert table.loc["full embedding", p] == pytest.approx(brute_agreement(parts.total()[measure], values[measure], 4))
+        assert table.loc["chance", p] == pytest.approx(
+            (same.sum() - len(measure)) / (len(measure) * (len(measure) - 1))
+        )
+        assert table.loc["full embedding", p] == pytest.approx(
+            brute_agreement(parts.total()[measure], values[measure], 4)
+        )
         layer, head = study.chosen[p]
         own = brute_agreement(parts.heads[measure, parts.head_layers.index(layer), head], values[measure], 4)
         assert study.summary().loc[p, "own"] == pytest.approx(own)
     picks = study.picks()
     assert set(picks["same head"]) <= {"✓", "✗"}
-    assert (picks["same head"] == "✓").sum() == sum(study.chosen[p] == study.best_retrieval[p] for p in study.properties)
+    assert (picks["same head"] == "✓").sum() == sum(
+        study.chosen[p] == study.best_retrieval[p] for p in study.properties
+    )
     query = int(study.measure[0])
     found = study.neighbours(query, 3)
     assert list(found) == list(study.similarities())
@@ -86,8 +101,12 @@ def test_real_folders_give_their_labels_as_properties(tmp_path):
     for p in study.properties:
         values = study.images.labels[p][measure]
         assert table.loc["chance", p] == pytest.approx(retrieval.chance_agreement(values))
-        assert table.loc["full embedding", p] == pytest.approx(brute_agreement(study.embeddings[measure], values, 3))
-    folder = make_folder(tmp_path / "val", {"n01": ["a.png", "b.png", "c.png"], "n02": ["d.png", "e.png", "f.png"]})
+        assert table.loc["full embedding", p] == pytest.approx(
+            brute_agreement(study.embeddings[measure], values, 3)
+        )
+    folder = make_folder(
+        tmp_path / "val", {"n01": ["a.png", "b.png", "c.png"], "n02": ["d.png", "e.png", "f.png"]}
+    )
     study = retrieval.evaluate(bundle, folder, 6, k=1, batch_size=6)
     assert study.properties == ["class"] and study.images.value_names["class"] == ["n01", "n02"]
     assert sorted(study.images.labels["class"].tolist()) == [0, 0, 0, 1, 1, 1]
@@ -100,7 +119,7 @@ def test_bad_requests_say_what_to_change(toy_bundle, tmp_path):
     with pytest.raises(ValueError, match="fewer than n_images"):
         retrieval.property_images(tiny_bundle(), folder, 9)
     study = retrieval.evaluate(toy_bundle, "toy", 8, k=8, batch_size=8)
-    assert study.k == 3                                   # lowered to fit halves of four images
+    assert study.k == 3  # lowered to fit halves of four images
     with pytest.raises(KeyError, match="L9H0"):
         study.head(9, 0)
     with pytest.raises(ValueError, match="measure half"):

@@ -1,11 +1,18 @@
 """The Chefer et al. segmentation metrics against values computed by hand on tiny maps."""
+
 from __future__ import annotations
 
 import pytest
 import torch
 
-from clipdecomp.seg_metrics import (SegmentationMeter, average_precision, binarise, foreground_ap, normalise,
-                                    segmentation_scores)
+from clipdecomp.seg_metrics import (
+    SegmentationMeter,
+    average_precision,
+    binarise,
+    foreground_ap,
+    normalise,
+    segmentation_scores,
+)
 
 # Image A: normalised map [[1, 0], [.875, .125]], mean .5 -> predicted foreground [[1, 0], [1, 0]].
 MAP_A = torch.tensor([[0.9, 0.1], [0.8, 0.2]])
@@ -17,9 +24,9 @@ MASK_B = torch.tensor([[0, 0], [0, 1]])
 
 def test_binarise_is_strictly_above_the_mean_after_min_max():
     assert binarise(MAP_A[None])[0].tolist() == [[True, False], [True, False]]
-    on_the_mean = torch.tensor([[[0.0, 1.0], [0.5, 0.5]]])   # mean .5: the two .5 pixels stay background
+    on_the_mean = torch.tensor([[[0.0, 1.0], [0.5, 0.5]]])  # mean .5: the two .5 pixels stay background
     assert binarise(on_the_mean)[0].tolist() == [[False, True], [False, False]]
-    assert not binarise(torch.full((1, 3, 3), 7.0)).any()      # a constant map: all background, no NaN
+    assert not binarise(torch.full((1, 3, 3), 7.0)).any()  # a constant map: all background, no NaN
     torch.testing.assert_close(normalise(MAP_A[None])[0], torch.tensor([[1.0, 0.0], [0.875, 0.125]]))
 
 
@@ -35,9 +42,11 @@ def test_scores_accumulate_over_the_dataset():
     # (P 3/4, R 3/4), at .125 one of two (P 4/6, R 1): .5 + .25 * .75 + .25 * 2 / 3 = 41 / 48. B: 1.
     assert average_precision(MAP_A, MASK_A) == pytest.approx(41 / 48)
     assert scores.mean_ap == pytest.approx((41 / 48 + 1) / 2)
-    assert scores.mean_ap_foreground == 1.0                    # both maps rank their object's pixels first
+    assert scores.mean_ap_foreground == 1.0  # both maps rank their object's pixels first
     assert scores.n_images == 2
-    assert scores.percent() == pytest.approx({"pixel acc": 87.5, "mIoU": 75.0, "mAP": 100 * (41 / 48 + 1) / 2})
+    assert scores.percent() == pytest.approx(
+        {"pixel acc": 87.5, "mIoU": 75.0, "mAP": 100 * (41 / 48 + 1) / 2}
+    )
 
 
 def test_foreground_ap_and_the_background_dominated_pooled_ap():
@@ -46,7 +55,7 @@ def test_foreground_ap_and_the_background_dominated_pooled_ap():
     assert foreground_ap(torch.rand(3, 3), torch.zeros(3, 3)) == 0.0
     # A constant map on a mask with background share b = 3/4: pooled AP = b^2 + (1 - b) / 2.
     mask = torch.tensor([[1, 0], [0, 0]])
-    assert average_precision(torch.zeros(2, 2), mask) == pytest.approx(0.75 ** 2 + 0.25 / 2)
+    assert average_precision(torch.zeros(2, 2), mask) == pytest.approx(0.75**2 + 0.25 / 2)
 
 
 def test_meter_batches_equal_one_pass_and_scores_ignore_affine_rescaling():
@@ -61,7 +70,7 @@ def test_meter_batches_equal_one_pass_and_scores_ignore_affine_rescaling():
     rescaled = segmentation_scores(3 * maps - 2, masks)
     assert rescaled.pixel_accuracy == whole.pixel_accuracy and rescaled.iou == whole.iou
     assert rescaled.mean_ap == pytest.approx(whole.mean_ap)
-    flipped = segmentation_scores(-maps, masks)                   # an inverted map must score differently
+    flipped = segmentation_scores(-maps, masks)  # an inverted map must score differently
     assert flipped.miou != pytest.approx(whole.miou)
 
 

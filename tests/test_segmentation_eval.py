@@ -1,5 +1,6 @@
 """Chapter 7's harness (segmentation_set, compare) against the metrics computed on whole sets at once,
 on the toy model and on a tiny ImageNet-segmentation file."""
+
 from __future__ import annotations
 
 import math
@@ -37,8 +38,10 @@ def test_toy_set_holds_the_world_masks_and_classes(toy_bundle):
     data = segmentation_set(toy_bundle, "toy", n_images=10)
     samples = toy.sample(10, seed=7070, split="uniform")
     assert len(data) == 10 and len(data.class_names) == 36 and data.classifier.shape == (64, 36)
-    assert data.class_names[6 * 5 + 2] == "yellow star"                  # shape-major: index = 6 * shape + colour
-    assert torch.equal(data.labels, torch.as_tensor(6 * samples.attributes["shape"] + samples.attributes["colour"]))
+    assert data.class_names[6 * 5 + 2] == "yellow star"  # shape-major: index = 6 * shape + colour
+    assert torch.equal(
+        data.labels, torch.as_tensor(6 * samples.attributes["shape"] + samples.attributes["colour"])
+    )
     assert [len(images) for images, _, _ in data.batches(4)] == [4, 4, 2]
     images, masks = whole_set(data)
     assert torch.equal(masks, torch.as_tensor(samples.masks))
@@ -58,7 +61,7 @@ def test_compare_scores_each_method_like_the_whole_set_at_once(toy_bundle):
     assert table.loc["raw attention", "pixel acc"] == pytest.approx(scores.pixel_accuracy)
     assert table.loc["raw attention", "fg AP (extra)"] == pytest.approx(scores.mean_ap_foreground)
     assert table.loc["blank", "blank maps"] == 1.0 and table.loc["raw attention", "blank maps"] == 0.0
-    for metric in ("pixel acc", "mIoU", "mAP"):                  # a blank map is "background everywhere"
+    for metric in ("pixel acc", "mIoU", "mAP"):  # a blank map is "background everywhere"
         assert table.loc["blank", metric] == pytest.approx(table.loc[REFERENCE, metric])
     assert table.loc["raw attention", "time (s)"] > 0 and math.isnan(table.loc[REFERENCE, "time (s)"])
     assert result.object_share == pytest.approx(masks.float().mean().item())
@@ -73,15 +76,23 @@ def test_compare_scores_each_method_like_the_whole_set_at_once(toy_bundle):
     wrong = predicted != data.labels
     if wrong.any():
         maps = segmentation.raw_attention(toy_bundle, images[wrong], data.classifier)
-        assert split.loc["raw attention", "mIoU (wrong)"] == pytest.approx(segmentation_scores(maps, masks[wrong]).miou)
+        assert split.loc["raw attention", "mIoU (wrong)"] == pytest.approx(
+            segmentation_scores(maps, masks[wrong]).miou
+        )
     assert result.gallery.images.shape == (6, 3, 64, 64) and torch.equal(result.gallery.masks, masks[:6])
-    torch.testing.assert_close(result.gallery.maps["raw attention"],
-                               segmentation.raw_attention(toy_bundle, images[:6], data.classifier))
-    assert result.beating(REFERENCE, "mIoU") == (["raw attention"] if table.loc["raw attention", "mIoU"]
-                                                 > table.loc[REFERENCE, "mIoU"] else [])
+    torch.testing.assert_close(
+        result.gallery.maps["raw attention"],
+        segmentation.raw_attention(toy_bundle, images[:6], data.classifier),
+    )
+    assert result.beating(REFERENCE, "mIoU") == (
+        ["raw attention"] if table.loc["raw attention", "mIoU"] > table.loc[REFERENCE, "mIoU"] else []
+    )
     words = result.verdict("blank", ["mIoU"])
-    assert words == ("best of the 2 on mIoU" if table.loc["blank", "mIoU"] >= table.loc["raw attention", "mIoU"]
-                     else "rank 2 of 2 on mIoU (behind raw attention)")
+    assert words == (
+        "best of the 2 on mIoU"
+        if table.loc["blank", "mIoU"] >= table.loc["raw attention", "mIoU"]
+        else "rank 2 of 2 on mIoU (behind raw attention)"
+    )
     figure = plots.segmentation_gallery(result, data.class_names, toy_bundle.preprocess)
     assert len(figure.axes) == 6 * 3
 
@@ -104,8 +115,15 @@ def test_imagenet_segmentation_file_without_labels(tmp_path):
     path = tmp_path / "gtsegs_ijcv.mat"
     write_fixture(path, ITEMS)
     bundle = tiny_bundle()
-    data = segmentation_set(bundle, "imagenet-seg", path=path, n_images=None, class_names=["red box", "blue sky"],
-                            templates=["a {}."], mask_handling="authors")
+    data = segmentation_set(
+        bundle,
+        "imagenet-seg",
+        path=path,
+        n_images=None,
+        class_names=["red box", "blue sky"],
+        templates=["a {}."],
+        mask_handling="authors",
+    )
     assert len(data) == 3 and data.labels is None and str(data).startswith("gtsegs_ijcv.mat: 3 images")
     result = compare(["decomposition", "raw attention"], bundle, data, batch_size=2)
     images, masks = whole_set(data)
@@ -115,8 +133,14 @@ def test_imagenet_segmentation_file_without_labels(tmp_path):
         assert result.table().loc[name, "mIoU"] == pytest.approx(segmentation_scores(maps, masks).miou)
     assert result.accuracy is None and result.split_table().empty
     assert plots.percent(result.accuracy) == "n/a"
-    assert len(segmentation_set(bundle, "imagenet-seg", path=path, n_images=2, class_names=["x"],
-                                templates=["a {}."])) == 2
+    assert (
+        len(
+            segmentation_set(
+                bundle, "imagenet-seg", path=path, n_images=2, class_names=["x"], templates=["a {}."]
+            )
+        )
+        == 2
+    )
 
 
 def test_published_table_is_in_fractions():

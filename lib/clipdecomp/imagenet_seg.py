@@ -16,6 +16,7 @@ Mask handling. The model's preprocess resizes the shorter side and centre-crops.
 pixels correspond. ``"authors"`` reproduces the paper's code, which resizes the mask straight to the
 square crop size: on non-square images it no longer lines up with the cropped image.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -58,18 +59,27 @@ def align_mask(mask: np.ndarray | torch.Tensor, preprocess: Callable) -> torch.T
     """
     steps = getattr(preprocess, "transforms", None)
     if steps is None:
-        raise NotImplementedError(f"Cannot align a mask with preprocess {preprocess!r}: expected a torchvision "
-                                  "Compose (open_clip's eval transform). Use mask_handling='authors' instead.")
+        raise NotImplementedError(
+            f"Cannot align a mask with preprocess {preprocess!r}: expected a torchvision "
+            "Compose (open_clip's eval transform). Use mask_handling='authors' instead."
+        )
     image = _mask_image(mask)
     for step in steps:
         if isinstance(step, T.Resize):
-            image = TF.resize(image, step.size, interpolation=T.InterpolationMode.NEAREST, max_size=step.max_size)
+            image = TF.resize(
+                image, step.size, interpolation=T.InterpolationMode.NEAREST, max_size=step.max_size
+            )
         elif isinstance(step, T.CenterCrop):
             image = TF.center_crop(image, step.size)
-        elif not (isinstance(step, _PHOTOMETRIC) or type(step).__name__ in _PHOTOMETRIC_NAMES
-                  or inspect.isfunction(step)):
-            raise NotImplementedError(f"Cannot apply the preprocess step {step!r} to a mask; supported geometric "
-                                      "steps: Resize, CenterCrop. Use mask_handling='authors' instead.")
+        elif not (
+            isinstance(step, _PHOTOMETRIC)
+            or type(step).__name__ in _PHOTOMETRIC_NAMES
+            or inspect.isfunction(step)
+        ):
+            raise NotImplementedError(
+                f"Cannot apply the preprocess step {step!r} to a mask; supported geometric "
+                "steps: Resize, CenterCrop. Use mask_handling='authors' instead."
+            )
     return torch.from_numpy(np.asarray(image) > 127)
 
 
@@ -87,7 +97,7 @@ class ImageNetSegmentation:
     release the file.
 
     Example:
-        >>> with ImageNetSegmentation("gtsegs_ijcv.mat", bundle.preprocess) as data:
+        >>> with ImageNetSegmentation("gtsegs_ijcv.mat", bundle.preprocess) as data:  # doctest: +SKIP
         ...     images, masks = data.batch(range(8))
     """
 
@@ -98,17 +108,22 @@ class ImageNetSegmentation:
         if not self.path.is_file():
             raise FileNotFoundError(f"ImageNet-segmentation file not found at {self.path}. {HOW_TO_GET}")
         if mask_handling not in ("aligned", "authors"):
-            raise ValueError(f"mask_handling must be 'aligned' (mask cropped like the image) or 'authors' "
-                             f"(mask resized to the crop size, the paper's code), got {mask_handling!r}.")
+            raise ValueError(
+                f"mask_handling must be 'aligned' (mask cropped like the image) or 'authors' "
+                f"(mask resized to the crop size, the paper's code), got {mask_handling!r}."
+            )
         self.preprocess, self.mask_handling = preprocess, mask_handling
         try:
             self._file = h5py.File(self.path, "r")
         except OSError as error:
-            raise ValueError(f"{self.path} is not an HDF5 (MATLAB v7.3) file: {error}. {HOW_TO_GET}") from error
+            raise ValueError(
+                f"{self.path} is not an HDF5 (MATLAB v7.3) file: {error}. {HOW_TO_GET}"
+            ) from error
         if "value/img" not in self._file or "value/gt" not in self._file:
             self._file.close()
-            raise ValueError(f"{self.path} lacks the datasets 'value/img' and 'value/gt' of gtsegs_ijcv.mat. "
-                             f"{HOW_TO_GET}")
+            raise ValueError(
+                f"{self.path} lacks the datasets 'value/img' and 'value/gt' of gtsegs_ijcv.mat. {HOW_TO_GET}"
+            )
         self._images = np.asarray(self._file["value/img"]).reshape(-1)
         self._masks = np.asarray(self._file["value/gt"]).reshape(-1)
         if len(self._images) != len(self._masks):
@@ -136,8 +151,10 @@ class ImageNetSegmentation:
         else:
             target = square_mask(mask, tuple(tensor.shape[-2:]))
         if tuple(target.shape) != tuple(tensor.shape[-2:]):
-            raise ValueError(f"mask {tuple(target.shape)} does not match the preprocessed image "
-                             f"{tuple(tensor.shape[-2:])}; use mask_handling='authors'.")
+            raise ValueError(
+                f"mask {tuple(target.shape)} does not match the preprocessed image "
+                f"{tuple(tensor.shape[-2:])}; use mask_handling='authors'."
+            )
         return tensor, target
 
     def batch(self, indices) -> tuple[torch.Tensor, torch.Tensor]:

@@ -19,8 +19,8 @@ from .spatial import ContrastSet
 from .spurious import GroupReport, SpuriousComparison, SpuriousTask
 
 __all__ = ["image_strip", "head_choice", "cue_and_label", "group_bars", "reconstruction_curve", "explained_variance",
-           "pictures", "percent", "overlay", "head_score_maps", "neighbour_gallery", "text_maps", "contrastive_maps",
-           "head_grid", "image_maps", "segmentation_gallery"]
+           "pictures", "percent", "overlay", "head_score_maps", "neighbour_gallery", "text_maps",
+           "contrastive_maps", "head_grid", "image_maps", "segmentation_gallery"]
 
 
 def image_strip(images: np.ndarray | Sequence[np.ndarray], titles: Sequence[str] = (), size: float = 1.5) -> plt.Figure:
@@ -129,7 +129,8 @@ def pictures(preprocess: Callable, images: torch.Tensor) -> np.ndarray:
     images = images[None] if images.ndim == 3 else images
     normalise = next((t for t in getattr(preprocess, "transforms", []) if isinstance(t, Normalize)), None)
     if normalise is not None:
-        mean, std = (torch.tensor(v, dtype=torch.float32).view(1, 3, 1, 1) for v in (normalise.mean, normalise.std))
+        mean, std = (torch.tensor(v, dtype=torch.float32).view(1, 3, 1, 1)
+                     for v in (normalise.mean, normalise.std))
         images = images * std + mean
     return images.clamp(0, 1).permute(0, 2, 3, 1).numpy()
 
@@ -163,7 +164,8 @@ def head_score_maps(evaluation: RetrievalEvaluation) -> plt.Figure:
     fig, axes = _grid(2, len(properties), 4.0, 3.2)
     for c, p in enumerate(properties):
         rows = ((evaluation.scores[p], "ground truth: share of variance", evaluation.chosen[p]),
-                (evaluation.agreement[p].numpy(), f"retrieval agreement@{evaluation.k}", evaluation.best_retrieval[p]))
+                (evaluation.agreement[p].numpy(), f"retrieval agreement@{evaluation.k}",
+                 evaluation.best_retrieval[p]))
         for r, (table, title, (layer, head)) in enumerate(rows):
             ax = axes[r, c]
             shown = ax.imshow(table, cmap="viridis", aspect="auto")
@@ -225,7 +227,8 @@ def text_maps(study: ContrastSet, n_show: int) -> plt.Figure:
 
 
 def contrastive_maps(study: ContrastSet, n_show: int) -> plt.Figure:
-    """One row per image: the image, then the map along "A minus B" for each pair of :attr:`ContrastSet.pairs`."""
+    """One row per image: the image, then the map along "A minus B" for each pair of
+    :attr:`ContrastSet.pairs`."""
     from .spatial import contrastive_heatmap
 
     shown = pictures(study.preprocess, study.images[:n_show])
@@ -270,7 +273,8 @@ def image_maps(images: np.ndarray, maps: torch.Tensor, title: str) -> plt.Figure
     return fig
 
 
-def segmentation_gallery(comparison: Comparison, class_names: Sequence[str], preprocess: Callable) -> plt.Figure:
+def segmentation_gallery(comparison: Comparison, class_names: Sequence[str],
+                         preprocess: Callable) -> plt.Figure:
     """One row per gallery image: the image with its mask outlined and its predicted class, then each
     method's map (0 to 1) with the mask outline on top."""
     gallery, methods = comparison.gallery, comparison.methods

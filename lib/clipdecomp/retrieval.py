@@ -12,10 +12,14 @@ on the first half, and measures on the second half how often each head's nearest
 the query's property, against the full embedding and chance.
 
 Example:
-    >>> study = evaluate(clipdecomp.load("toy"), "toy", n_images=200, k=8)
-    >>> study.chosen["colour"]                  # (layer, head) of the colour head
-    >>> study.table().loc["chance"]             # agreement of random neighbours (fractions)
+    >>> import clipdecomp
+    >>> study = evaluate(clipdecomp.load("toy"), "toy", n_images=40, k=4)
+    >>> sorted(study.chosen) == sorted(TOY_PROPERTIES)     # property -> (layer, head)
+    True
+    >>> bool(study.table().loc["chance"].between(0, 1).all())   # agreement of random neighbours, a fraction
+    True
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -30,15 +34,26 @@ from .decomposition import decompose_batches
 from .loading import ClipBundle
 from .toy import groundtruth, world
 
-__all__ = ["similarities", "nearest", "neighbour_agreement", "agreement_by_head", "chance_agreement",
-           "PropertyImages", "RetrievalEvaluation", "property_images", "evaluate", "TOY_PROPERTIES"]
+__all__ = [
+    "similarities",
+    "nearest",
+    "neighbour_agreement",
+    "agreement_by_head",
+    "chance_agreement",
+    "PropertyImages",
+    "RetrievalEvaluation",
+    "property_images",
+    "evaluate",
+    "TOY_PROPERTIES",
+]
 
 TOY_PROPERTIES = ("colour", "shape", "position")
 """The toy attributes chapter 4 retrieves by (``size`` and ``background`` can be added)."""
 
 
 def similarities(terms: torch.Tensor, query: int | torch.Tensor) -> torch.Tensor:
-    """[n] dot products between each row of ``terms`` ([n, d']) and the query (a row index or a [d'] vector)."""
+    """[n] dot products between each row of ``terms`` ([n, d']) and the query (a row index or a [d']
+    vector)."""
     vector = terms[query] if isinstance(query, int) else query
     return terms @ vector.to(terms)
 
@@ -70,10 +85,19 @@ def neighbour_agreement(terms: torch.Tensor, values: torch.Tensor | np.ndarray, 
     return (values[neighbours] == values[:, None]).float().mean(1)
 
 
-def agreement_by_head(head_terms: torch.Tensor, values: torch.Tensor | np.ndarray, k: int = 8) -> torch.Tensor:
+def agreement_by_head(
+    head_terms: torch.Tensor, values: torch.Tensor | np.ndarray, k: int = 8
+) -> torch.Tensor:
     """[L', H] mean :func:`neighbour_agreement` of each head's terms ([n, L', H, d'])."""
-    return torch.tensor([[neighbour_agreement(head_terms[:, layer, head], values, k).mean().item()
-                          for head in range(head_terms.shape[2])] for layer in range(head_terms.shape[1])])
+    return torch.tensor(
+        [
+            [
+                neighbour_agreement(head_terms[:, layer, head], values, k).mean().item()
+                for head in range(head_terms.shape[2])
+            ]
+            for layer in range(head_terms.shape[1])
+        ]
+    )
 
 
 def chance_agreement(values: torch.Tensor | np.ndarray) -> float:
@@ -118,8 +142,14 @@ class PropertyImages:
         return {p: self.value_names[p][int(values[i])] for p, values in self.labels.items()}
 
 
-def property_images(bundle: ClipBundle, dataset: str | Path = "toy", n_images: int = 600, *, seed: int = 4040,
-                    properties: Sequence[str] | None = None) -> PropertyImages:
+def property_images(
+    bundle: ClipBundle,
+    dataset: str | Path = "toy",
+    n_images: int = 600,
+    *,
+    seed: int = 4040,
+    properties: Sequence[str] | None = None,
+) -> PropertyImages:
     """Images with known properties for a retrieval evaluation.
 
     Args:
@@ -134,7 +164,9 @@ def property_images(bundle: ClipBundle, dataset: str | Path = "toy", n_images: i
     if n_images < 4:
         raise ValueError(f"n_images must be at least 4 (two halves of two images), got {n_images}.")
     if str(dataset) == "toy":
-        data: DecomposableDataset = ToyDataset(n_images, seed=seed, preprocess=bundle.preprocess, split="uniform")
+        data: DecomposableDataset = ToyDataset(
+            n_images, seed=seed, preprocess=bundle.preprocess, split="uniform"
+        )
         available = {a: (a, world.ATTRIBUTES[a]) for a in groundtruth.ROLE_ATTRIBUTES}
         properties = TOY_PROPERTIES if properties is None else properties
         indices = np.arange(n_images)
@@ -153,8 +185,12 @@ def property_images(bundle: ClipBundle, dataset: str | Path = "toy", n_images: i
     unknown = [p for p in properties if p not in available]
     if unknown or not properties:
         raise ValueError(f"Unknown properties {unknown} for {dataset}; choose among {list(available)}.")
-    return PropertyImages(data, indices, {p: np.asarray(data.labels[available[p][0]])[indices] for p in properties},
-                          {p: list(available[p][1]) for p in properties})
+    return PropertyImages(
+        data,
+        indices,
+        {p: np.asarray(data.labels[available[p][0]])[indices] for p in properties},
+        {p: list(available[p][1]) for p in properties},
+    )
 
 
 @dataclass
@@ -192,25 +228,32 @@ class RetrievalEvaluation:
     def head(self, layer: int, head: int) -> torch.Tensor:
         """[n, d'] the direct terms of head ``(layer, head)`` for every image."""
         if layer not in self.head_layers or not 0 <= head < self.heads.shape[2]:
-            raise KeyError(f"No head L{layer}H{head}: layers {self.head_layers}, heads 0..{self.heads.shape[2] - 1}.")
+            raise KeyError(
+                f"No head L{layer}H{head}: layers {self.head_layers}, heads 0..{self.heads.shape[2] - 1}."
+            )
         return self.heads[:, self.head_layers.index(layer), head]
 
     def similarities(self) -> dict[str, torch.Tensor]:
-        """Row name -> [n, d'] terms whose dot products rank neighbours: each chosen head, then the full embedding."""
+        """Row name -> [n, d'] terms whose dot products rank neighbours: each chosen head, then the full
+        embedding."""
         rows = {f"{p} head L{l}H{h}": self.head(l, h) for p, (l, h) in self.chosen.items()}
         return {**rows, "full embedding": self.embeddings}
 
     def agreements(self, terms: torch.Tensor) -> dict[str, float]:
         """Property -> mean agreement@k (fraction) of [n, d'] ``terms`` on the ``measure`` half."""
-        return {p: neighbour_agreement(terms[self.measure], values[self.measure.numpy()], self.k).mean().item()
-                for p, values in self.images.labels.items()}
+        return {
+            p: neighbour_agreement(terms[self.measure], values[self.measure.numpy()], self.k).mean().item()
+            for p, values in self.images.labels.items()
+        }
 
     def table(self) -> "pd.DataFrame":  # noqa: F821 (pandas is imported lazily)
         """Agreement@k (fractions) on the ``measure`` half: one row per similarity plus ``"chance"``."""
         import pandas as pd
 
         table = pd.DataFrame({name: self.agreements(terms) for name, terms in self.similarities().items()}).T
-        table.loc["chance"] = [chance_agreement(values[self.measure.numpy()]) for values in self.images.labels.values()]
+        table.loc["chance"] = [
+            chance_agreement(values[self.measure.numpy()]) for values in self.images.labels.values()
+        ]
         return table
 
     def summary(self) -> "pd.DataFrame":  # noqa: F821
@@ -222,32 +265,53 @@ class RetrievalEvaluation:
         for p, (layer, head) in self.chosen.items():
             name = f"{p} head L{layer}H{head}"
             others = [q for q in self.properties if q != p]
-            rows[p] = {"head": f"L{layer}H{head}", "own": table.loc[name, p], "full": table.loc["full embedding", p],
-                       "chance": table.loc["chance", p],
-                       "others": table.loc[name, others].mean() if others else float("nan")}
+            rows[p] = {
+                "head": f"L{layer}H{head}",
+                "own": table.loc[name, p],
+                "full": table.loc["full embedding", p],
+                "chance": table.loc["chance", p],
+                "others": table.loc[name, others].mean() if others else float("nan"),
+            }
         return pd.DataFrame(rows).T
 
     def picks(self) -> "pd.DataFrame":  # noqa: F821
         """Per property: the ground-truth head, the best-retrieval head, and whether they agree (✓/✗)."""
         import pandas as pd
 
-        return pd.DataFrame({p: {"ground-truth head": f"L{self.chosen[p][0]}H{self.chosen[p][1]}",
-                                 "best retrieval head": f"L{self.best_retrieval[p][0]}H{self.best_retrieval[p][1]}",
-                                 "same head": "✓" if self.chosen[p] == self.best_retrieval[p] else "✗"}
-                             for p in self.properties}).T
+        return pd.DataFrame(
+            {
+                p: {
+                    "ground-truth head": f"L{self.chosen[p][0]}H{self.chosen[p][1]}",
+                    "best retrieval head": f"L{self.best_retrieval[p][0]}H{self.best_retrieval[p][1]}",
+                    "same head": "✓" if self.chosen[p] == self.best_retrieval[p] else "✗",
+                }
+                for p in self.properties
+            }
+        ).T
 
     def neighbours(self, query: int, n: int) -> dict[str, list[int]]:
-        """Row name -> positions of the ``n`` nearest neighbours of position ``query`` among the ``measure`` half."""
+        """Row name -> positions of the ``n`` nearest neighbours of position ``query`` within the
+        ``measure`` half."""
         pool = self.measure.tolist()
         if query not in pool:
             raise ValueError(f"query {query} is not in the measure half; pick one of evaluation.measure.")
-        return {name: [pool[j] for j in nearest(terms[self.measure], pool.index(query), k=n).tolist()]
-                for name, terms in self.similarities().items()}
+        return {
+            name: [pool[j] for j in nearest(terms[self.measure], pool.index(query), k=n).tolist()]
+            for name, terms in self.similarities().items()
+        }
 
 
-def evaluate(bundle: ClipBundle, dataset: str | Path | PropertyImages = "toy", n_images: int = 600, *, k: int = 8,
-             properties: Sequence[str] | None = None, seed: int = 4040, split_seed: int = 0,
-             batch_size: int = 64) -> RetrievalEvaluation:
+def evaluate(
+    bundle: ClipBundle,
+    dataset: str | Path | PropertyImages = "toy",
+    n_images: int = 600,
+    *,
+    k: int = 8,
+    properties: Sequence[str] | None = None,
+    seed: int = 4040,
+    split_seed: int = 0,
+    batch_size: int = 64,
+) -> RetrievalEvaluation:
     """Decompose images with known properties, choose a head per property, and score retrieval.
 
     Args:
@@ -260,12 +324,15 @@ def evaluate(bundle: ClipBundle, dataset: str | Path | PropertyImages = "toy", n
         split_seed: seed of the random split into the ``choose`` and ``measure`` halves.
         batch_size: images per decomposition pass.
     """
-    images = dataset if isinstance(dataset, PropertyImages) else property_images(
-        bundle, dataset, n_images, seed=seed, properties=properties)
+    images = (
+        dataset
+        if isinstance(dataset, PropertyImages)
+        else property_images(bundle, dataset, n_images, seed=seed, properties=properties)
+    )
     parts = decompose_batches(bundle, images.images(), batch_size=batch_size, progress=False)
     heads, n = parts.head_terms(), len(images)
     order = torch.randperm(n, generator=torch.Generator().manual_seed(split_seed))
-    choose, measure = order[: n // 2], order[n // 2:]
+    choose, measure = order[: n // 2], order[n // 2 :]
     k = min(k, len(choose) - 1, len(measure) - 1)
     half = {p: values[choose.numpy()] for p, values in images.labels.items()}
     scores = groundtruth.head_scores(heads[choose], half, parts.head_layers, names=images.properties)
@@ -276,5 +343,6 @@ def evaluate(bundle: ClipBundle, dataset: str | Path | PropertyImages = "toy", n
         chosen[p] = (layer, head)
         row, head = divmod(int(agreement[p].argmax()), parts.n_heads)
         best[p] = (parts.head_layers[row], head)
-    return RetrievalEvaluation(images, heads, parts.total(), parts.head_layers, choose, measure, k, scores,
-                               agreement, chosen, best)
+    return RetrievalEvaluation(
+        images, heads, parts.total(), parts.head_layers, choose, measure, k, scores, agreement, chosen, best
+    )

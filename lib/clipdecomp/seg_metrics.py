@@ -17,6 +17,7 @@ small objects the pooled AP is dominated by the background: a constant map alrea
 ``b^2 + (1 - b) / 2`` for a background share ``b`` (0.93 at b = 0.95), so the foreground-only AP is
 the more telling number there.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -25,8 +26,15 @@ import numpy as np
 import torch
 from sklearn.metrics import average_precision_score
 
-__all__ = ["SegmentationMeter", "SegmentationScores", "average_precision", "binarise", "foreground_ap",
-           "normalise", "segmentation_scores"]
+__all__ = [
+    "SegmentationMeter",
+    "SegmentationScores",
+    "average_precision",
+    "binarise",
+    "foreground_ap",
+    "normalise",
+    "segmentation_scores",
+]
 
 
 def normalise(maps: torch.Tensor) -> torch.Tensor:
@@ -47,7 +55,9 @@ def average_precision(heat: torch.Tensor, mask: torch.Tensor) -> float:
     """AP of one continuous map [H, W] against a bool mask [H, W], both classes pooled (see module doc)."""
     scores = normalise(torch.as_tensor(heat)[None])[0].flatten().double().numpy()
     truth = torch.as_tensor(mask, dtype=torch.bool).flatten().numpy()
-    return float(average_precision_score(np.concatenate([~truth, truth]), np.concatenate([1 - scores, scores])))
+    return float(
+        average_precision_score(np.concatenate([~truth, truth]), np.concatenate([1 - scores, scores]))
+    )
 
 
 def foreground_ap(heat: torch.Tensor, mask: torch.Tensor) -> float:
@@ -89,9 +99,12 @@ class SegmentationMeter:
 
     Example:
         >>> meter = SegmentationMeter()
-        >>> for maps, masks in batches:
-        ...     meter.update(maps, masks)
-        >>> meter.compute().miou
+        >>> masks = torch.zeros(2, 4, 4, dtype=torch.bool)
+        >>> masks[:, :2] = True                          # the object: the top half
+        >>> meter.update(masks.float(), masks)           # a perfect map, one batch
+        >>> meter.update(torch.zeros(1, 4, 4), masks[:1])  # a blank map: background everywhere
+        >>> round(meter.compute().miou, 3)             # IoUs 24/32 (background) and 16/24 (object)
+        0.708
     """
 
     correct: int = 0
@@ -102,14 +115,17 @@ class SegmentationMeter:
     foreground_aps: list[float] = field(default_factory=list)
 
     def update(self, maps: torch.Tensor, masks: torch.Tensor) -> None:
-        """Add a batch: continuous maps [B, H, W] (any range) and ground-truth masks [B, H, W] (bool or 0/1)."""
+        """Add a batch: continuous maps [B, H, W] (any range) and ground-truth masks [B, H, W] (bool
+        or 0/1)."""
         maps = torch.as_tensor(maps).detach().cpu().float()
         masks = torch.as_tensor(masks).detach().cpu()
         if maps.ndim == 2:
             maps, masks = maps[None], masks[None]
         if maps.shape != masks.shape or maps.ndim != 3:
-            raise ValueError(f"maps {tuple(maps.shape)} and masks {tuple(masks.shape)} must both be [B, H, W]; "
-                             "upsample the maps to the mask size or crop the masks like the images.")
+            raise ValueError(
+                f"maps {tuple(maps.shape)} and masks {tuple(masks.shape)} must both be [B, H, W]; "
+                "upsample the maps to the mask size or crop the masks like the images."
+            )
         if not ((masks == 0) | (masks == 1)).all():
             raise ValueError("masks must be binary (bool or 0/1): 1 = foreground object, 0 = background.")
         masks = masks.bool()
@@ -127,9 +143,14 @@ class SegmentationMeter:
         if not self.aps:
             raise ValueError("No images were added: call update(maps, masks) first.")
         iou = np.where(self.union > 0, self.intersection / np.maximum(self.union, 1), 0.0)
-        return SegmentationScores(pixel_accuracy=self.correct / self.pixels, iou=(float(iou[0]), float(iou[1])),
-                                  miou=float(iou.mean()), mean_ap=float(np.mean(self.aps)),
-                                  mean_ap_foreground=float(np.mean(self.foreground_aps)), n_images=len(self.aps))
+        return SegmentationScores(
+            pixel_accuracy=self.correct / self.pixels,
+            iou=(float(iou[0]), float(iou[1])),
+            miou=float(iou.mean()),
+            mean_ap=float(np.mean(self.aps)),
+            mean_ap_foreground=float(np.mean(self.foreground_aps)),
+            n_images=len(self.aps),
+        )
 
 
 def segmentation_scores(maps: torch.Tensor, masks: torch.Tensor) -> SegmentationScores:

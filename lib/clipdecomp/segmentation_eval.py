@@ -13,11 +13,14 @@ the first images' maps. A method is any function ``(model, images, classifier) -
 the five of :data:`clipdecomp.segmentation.METHODS`, or one of your own.
 
 Example:
+    >>> import clipdecomp
     >>> bundle = clipdecomp.load("toy")
-    >>> data = segmentation_set(bundle, "toy", n_images=64)
-    >>> result = compare(segmentation.METHODS, bundle, data)
-    >>> result.table().loc["decomposition", "mIoU"]          # a fraction
+    >>> data = segmentation_set(bundle, "toy", n_images=8)
+    >>> result = compare(["decomposition", "rollout"], bundle, data)
+    >>> list(result.table().index)           # fractions; see Comparison.table
+    ['decomposition', 'rollout', 'constant map (reference)']
 """
+
 from __future__ import annotations
 
 import time
@@ -35,8 +38,16 @@ from .seg_metrics import SegmentationMeter
 from .segmentation import METHODS, predict
 from .zero_shot import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES, zero_shot_classifier
 
-__all__ = ["REFERENCE", "PUBLISHED_TABLE3", "Comparison", "Gallery", "SegmentationSet", "compare",
-           "published_table", "segmentation_set"]
+__all__ = [
+    "REFERENCE",
+    "PUBLISHED_TABLE3",
+    "Comparison",
+    "Gallery",
+    "SegmentationSet",
+    "compare",
+    "published_table",
+    "segmentation_set",
+]
 
 REFERENCE = "constant map (reference)"
 """Name of the reference row: a map that predicts background everywhere."""
@@ -91,20 +102,32 @@ class SegmentationSet:
     def __len__(self) -> int:
         return self.n_images
 
-    def batches(self, batch_size: int = 32) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+    def batches(
+        self, batch_size: int = 32
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
         """(images, masks, labels or None) ``batch_size`` images at a time, in order."""
         for start in range(0, self.n_images, batch_size):
             positions = range(start, min(start + batch_size, self.n_images))
             images, masks = self.load(positions)
-            yield images, masks, None if self.labels is None else self.labels[start:positions.stop]
+            yield images, masks, None if self.labels is None else self.labels[start : positions.stop]
 
     def __str__(self) -> str:
-        return f"{self.name}: {self.n_images} images, {len(self.class_names)} classes, masks: {self.masks_from}"
+        return (
+            f"{self.name}: {self.n_images} images, {len(self.class_names)} classes, masks: {self.masks_from}"
+        )
 
 
-def segmentation_set(bundle: ClipBundle, dataset: str = "toy", *, path: str | Path | None = None,
-                     n_images: int | None = 200, mask_handling: MaskHandling = "aligned", seed: int = 7070,
-                     class_names: Sequence[str] | None = None, templates: Sequence | None = None) -> SegmentationSet:
+def segmentation_set(
+    bundle: ClipBundle,
+    dataset: str = "toy",
+    *,
+    path: str | Path | None = None,
+    n_images: int | None = 200,
+    mask_handling: MaskHandling = "aligned",
+    seed: int = 7070,
+    class_names: Sequence[str] | None = None,
+    templates: Sequence | None = None,
+) -> SegmentationSet:
     """The toy world or ImageNet-segmentation, prepared for the model.
 
     Args:
@@ -128,13 +151,24 @@ def segmentation_set(bundle: ClipBundle, dataset: str = "toy", *, path: str | Pa
         masks = torch.stack([align_mask(mask, bundle.preprocess) for mask in samples.masks])
         labels = torch.as_tensor(samples.attributes["shape"] * len(colours) + samples.attributes["colour"])
         classifier = zero_shot_classifier(bundle, names, templates or TOY_TEMPLATES)
-        return SegmentationSet("toy", names, classifier, labels, "toy ground truth",
-                               lambda positions: (images[positions.start:positions.stop],
-                                                  masks[positions.start:positions.stop]), len(images))
+        return SegmentationSet(
+            "toy",
+            names,
+            classifier,
+            labels,
+            "toy ground truth",
+            lambda positions: (
+                images[positions.start : positions.stop],
+                masks[positions.start : positions.stop],
+            ),
+            len(images),
+        )
     if dataset != "imagenet-seg":
         raise ValueError(f"dataset must be 'toy' or 'imagenet-seg', got {dataset!r}.")
     if path is None:
-        raise FileNotFoundError(f"dataset='imagenet-seg' needs path=... (seg_path in chapter 7). {HOW_TO_GET}")
+        raise FileNotFoundError(
+            f"dataset='imagenet-seg' needs path=... (seg_path in chapter 7). {HOW_TO_GET}"
+        )
     data = ImageNetSegmentation(path, bundle.preprocess, mask_handling=mask_handling)
     names = list(class_names or IMAGENET_CLASSNAMES)
     classifier = zero_shot_classifier(bundle, names, templates or OPENAI_IMAGENET_TEMPLATES)
@@ -188,16 +222,21 @@ class Comparison:
         return None if self.labels is None else (self.predictions == self.labels).float().mean().item()
 
     def table(self) -> "pd.DataFrame":  # noqa: F821
-        """Per method and the reference: pixel acc, mIoU, mAP, fg AP (extra), blank maps (fractions), time (s)."""
+        """Per method and the reference: pixel acc, mIoU, mAP, fg AP (extra), blank maps (fractions),
+        time (s)."""
         import pandas as pd
 
         rows = {}
         for name, meter in self.meters.items():
             scores = meter.compute()
-            rows[name] = {"pixel acc": scores.pixel_accuracy, "mIoU": scores.miou, "mAP": scores.mean_ap,
-                          "fg AP (extra)": scores.mean_ap_foreground,
-                          "blank maps": self.blank.get(name, scores.n_images) / scores.n_images,
-                          "time (s)": self.seconds.get(name, np.nan)}
+            rows[name] = {
+                "pixel acc": scores.pixel_accuracy,
+                "mIoU": scores.miou,
+                "mAP": scores.mean_ap,
+                "fg AP (extra)": scores.mean_ap_foreground,
+                "blank maps": self.blank.get(name, scores.n_images) / scores.n_images,
+                "time (s)": self.seconds.get(name, np.nan),
+            }
         return pd.DataFrame(rows).T
 
     def split_table(self) -> "pd.DataFrame":  # noqa: F821
@@ -216,15 +255,23 @@ class Comparison:
             rows[name] = row
         return pd.DataFrame(rows, columns=list(rows), dtype=float).T
 
-    def verdict(self, method: str = "decomposition",
-                metrics: Sequence[str] = ("pixel acc", "mIoU", "mAP", "fg AP (extra)")) -> str:
+    def verdict(
+        self,
+        method: str = "decomposition",
+        metrics: Sequence[str] = ("pixel acc", "mIoU", "mAP", "fg AP (extra)"),
+    ) -> str:
         """Where ``method`` ranks among the methods on each metric, in words ("best of the five on mIoU")."""
         table = self.table()
         words = []
         for metric in metrics:
-            better = [m for m in self.methods if m != method and table.loc[m, metric] > table.loc[method, metric]]
-            words.append(f"best of the {len(self.methods)} on {metric}" if not better else
-                         f"rank {len(better) + 1} of {len(self.methods)} on {metric} (behind {', '.join(better)})")
+            better = [
+                m for m in self.methods if m != method and table.loc[m, metric] > table.loc[method, metric]
+            ]
+            words.append(
+                f"best of the {len(self.methods)} on {metric}"
+                if not better
+                else f"rank {len(better) + 1} of {len(self.methods)} on {metric} (behind {', '.join(better)})"
+            )
         return "; ".join(words)
 
     def beating(self, reference: str = REFERENCE, metric: str = "mIoU") -> list[str]:
@@ -241,10 +288,12 @@ def _named(methods: Mapping[str, Method] | Sequence[str | Method]) -> dict[str, 
         for method in methods:
             if isinstance(method, str):
                 if method not in METHODS:
-                    raise KeyError(f"Unknown method {method!r}; choose one of {list(METHODS)} or pass a function.")
+                    raise KeyError(
+                        f"Unknown method {method!r}; choose one of {list(METHODS)} or pass a function."
+                    )
                 named[method] = METHODS[method]
             else:
-                function = getattr(method, "func", method)            # functools.partial keeps the function
+                function = getattr(method, "func", method)  # functools.partial keeps the function
                 named[getattr(function, "__name__", repr(method))] = method
     if not named or REFERENCE in named:
         raise ValueError(f"compare needs at least one method, none named {REFERENCE!r}.")
@@ -256,8 +305,14 @@ def _synchronise(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def compare(methods: Mapping[str, Method] | Sequence[str | Method], bundle: ClipBundle, data: SegmentationSet, *,
-            batch_size: int = 32, n_show: int = 4) -> Comparison:
+def compare(
+    methods: Mapping[str, Method] | Sequence[str | Method],
+    bundle: ClipBundle,
+    data: SegmentationSet,
+    *,
+    batch_size: int = 32,
+    n_show: int = 4,
+) -> Comparison:
     """Score every method on every image of ``data`` with the Chefer et al. protocol, in one pass.
 
     Args:
@@ -300,8 +355,20 @@ def compare(methods: Mapping[str, Method] | Sequence[str | Method], bundle: Clip
         predictions.append(predicted)
     if not predictions:
         raise ValueError(f"{data} yielded no images.")
-    gallery = Gallery(torch.cat([s[0] for s in shown])[:n_show], torch.cat([s[1] for s in shown])[:n_show],
-                      torch.cat([s[2] for s in shown])[:n_show],
-                      {name: torch.cat([s[3][name] for s in shown])[:n_show] for name in named})
-    return Comparison(list(named), meters, by_correctness, seconds, blank, torch.cat(predictions), data.labels,
-                      object_pixels / all_pixels, gallery)
+    gallery = Gallery(
+        torch.cat([s[0] for s in shown])[:n_show],
+        torch.cat([s[1] for s in shown])[:n_show],
+        torch.cat([s[2] for s in shown])[:n_show],
+        {name: torch.cat([s[3][name] for s in shown])[:n_show] for name in named},
+    )
+    return Comparison(
+        list(named),
+        meters,
+        by_correctness,
+        seconds,
+        blank,
+        torch.cat(predictions),
+        data.labels,
+        object_pixels / all_pixels,
+        gallery,
+    )

@@ -17,6 +17,7 @@ Example:
     >>> list(study.pointing_game().columns)          # per contrast, fractions
     ['hit rate', 'chance', 'a hit means']
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
@@ -34,8 +35,19 @@ from .imagenet_seg import ImageNetSegmentation, align_mask
 from .loading import ClipBundle
 from .zero_shot import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES, toy_classifiers, zero_shot_classifier
 
-__all__ = ["patch_scores", "heatmap", "contrastive_heatmap", "joint_map", "joint_maps", "strongest_head",
-           "pointing_game", "Contrast", "ContrastSet", "class_contrasts", "TOY_CONTRASTS"]
+__all__ = [
+    "patch_scores",
+    "heatmap",
+    "contrastive_heatmap",
+    "joint_map",
+    "joint_maps",
+    "strongest_head",
+    "pointing_game",
+    "Contrast",
+    "ContrastSet",
+    "class_contrasts",
+    "TOY_CONTRASTS",
+]
 
 TOY_CONTRASTS = {"colour": True, "shape": True, "background": False}
 """Toy attribute -> where its map should peak: on the object (True) or off it (False)."""
@@ -51,8 +63,10 @@ def _select(parts: Decomposition, heads: Sequence[tuple[int, int] | str] | None)
     heads = [_head_pair(parts, head) for head in heads]
     missing = sorted({l for l, _ in heads if l not in parts.head_layers})
     if missing:
-        raise ValueError(f"Layers {missing} have no spatial detail; decompose with layers including them "
-                         f"(have {parts.head_layers}).")
+        raise ValueError(
+            f"Layers {missing} have no spatial detail; decompose with layers including them "
+            f"(have {parts.head_layers})."
+        )
     return sum(parts.heads[:, parts.head_layers.index(l), :, h] for l, h in heads)
 
 
@@ -71,12 +85,15 @@ def _along(terms: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
     if direction.ndim == 1:
         return terms @ direction
     if direction.ndim != 2 or direction.shape[0] != terms.shape[0]:
-        raise ValueError(f"direction must be [d'] or one per image [{terms.shape[0]}, d'], got {tuple(direction.shape)}.")
+        raise ValueError(
+            f"direction must be [d'] or one per image [{terms.shape[0]}, d'], got {tuple(direction.shape)}."
+        )
     return torch.einsum("b...d,bd->b...", terms, direction)
 
 
-def patch_scores(parts: Decomposition, direction: torch.Tensor,
-                 heads: Sequence[tuple[int, int]] | None = None) -> torch.Tensor:
+def patch_scores(
+    parts: Decomposition, direction: torch.Tensor, heads: Sequence[tuple[int, int]] | None = None
+) -> torch.Tensor:
     """[B, rows, cols] contribution of each image patch along ``direction``: [d'] (e.g. a text embedding)
     or [B, d'] (one per image)."""
     tokens = _along(_select(parts, heads), direction)
@@ -84,16 +101,25 @@ def patch_scores(parts: Decomposition, direction: torch.Tensor,
     return tokens[:, 1:].reshape(-1, rows, cols)  # token 0 (CLS) has no place in the image
 
 
-def heatmap(parts: Decomposition, direction: torch.Tensor, size: tuple[int, int] | int,
-            heads: Sequence[tuple[int, int]] | None = None) -> torch.Tensor:
+def heatmap(
+    parts: Decomposition,
+    direction: torch.Tensor,
+    size: tuple[int, int] | int,
+    heads: Sequence[tuple[int, int]] | None = None,
+) -> torch.Tensor:
     """[B, H, W] patch scores upsampled bilinearly to the image size (positive: towards the text)."""
     size = (size, size) if isinstance(size, int) else tuple(size)
     grid = patch_scores(parts, direction, heads)[:, None]
     return F.interpolate(grid, size=size, mode="bilinear", align_corners=False)[:, 0]
 
 
-def contrastive_heatmap(parts: Decomposition, text_a: torch.Tensor, text_b: torch.Tensor,
-                        size: tuple[int, int] | int, heads: Sequence[tuple[int, int]] | None = None) -> torch.Tensor:
+def contrastive_heatmap(
+    parts: Decomposition,
+    text_a: torch.Tensor,
+    text_b: torch.Tensor,
+    size: tuple[int, int] | int,
+    heads: Sequence[tuple[int, int]] | None = None,
+) -> torch.Tensor:
     """Heatmap along ``text_a - text_b``: where the image speaks for A rather than B."""
     return heatmap(parts, text_a - text_b, size, heads)
 
@@ -107,7 +133,7 @@ def joint_maps(parts: Decomposition, direction: torch.Tensor) -> torch.Tensor:
     """[B, L', H, rows, cols] every head's patch map along ``direction`` ([d'] or [B, d'])."""
     if not parts.spatial:
         raise ValueError("Spatial maps need decompose(..., spatial=True).")
-    scores = _along(parts.heads[:, :, 1:].transpose(2, 3), direction)          # [B, L', H, patches]
+    scores = _along(parts.heads[:, :, 1:].transpose(2, 3), direction)  # [B, L', H, patches]
     return scores.reshape(*scores.shape[:3], *parts.grid_size)
 
 
@@ -124,8 +150,10 @@ def pointing_game(heat: torch.Tensor, masks: torch.Tensor | np.ndarray) -> torch
     """[B] bool: does the hottest pixel of each map ([B, H, W]) fall inside the object mask ([B, H, W])?"""
     masks = torch.as_tensor(masks, dtype=torch.bool)
     if heat.shape != masks.shape:
-        raise ValueError(f"heat maps {tuple(heat.shape)} and masks {tuple(masks.shape)} differ in shape: "
-                         "upsample the maps to the image size first (clipdecomp.spatial.heatmap(..., size=64)).")
+        raise ValueError(
+            f"heat maps {tuple(heat.shape)} and masks {tuple(masks.shape)} differ in shape: "
+            "upsample the maps to the image size first (clipdecomp.spatial.heatmap(..., size=64))."
+        )
     hottest = heat.flatten(1).argmax(1)
     return masks.flatten(1).gather(1, hottest[:, None])[:, 0]
 
@@ -193,14 +221,17 @@ class ContrastSet:
         """(class name, direction) of image ``i``'s own class in every family, in family order."""
         return [(c.class_names[int(c.labels[i])], c.own(centred)[i]) for c in self.contrasts.values()]
 
-    def heatmaps(self, family: str, centred: bool = True,
-                 heads: Sequence[tuple[int, int]] | None = None) -> torch.Tensor:
+    def heatmaps(
+        self, family: str, centred: bool = True, heads: Sequence[tuple[int, int]] | None = None
+    ) -> torch.Tensor:
         """[n, H, W] each image's map along its own class of ``family`` (over ``heads``, default all)."""
         if family not in self.contrasts:
             raise KeyError(f"No contrast {family!r}; have {list(self.contrasts)}.")
         return heatmap(self.parts, self.contrasts[family].own(centred), self.size, heads)
 
-    def pointing_game(self, centred: bool = True, heads: Sequence[tuple[int, int]] | None = None) -> "pd.DataFrame":  # noqa: F821
+    def pointing_game(
+        self, centred: bool = True, heads: Sequence[tuple[int, int]] | None = None
+    ) -> "pd.DataFrame":  # noqa: F821
         """Per scored family: the hit rate of its maps (hottest pixel on the object, or off it for a
         background) and the chance rate of a map blind to the image (fractions)."""
         import pandas as pd
@@ -211,16 +242,26 @@ class ContrastSet:
                 continue
             hits = pointing_game(self.heatmaps(family, centred, heads), self.masks)
             on = contrast.on_object
-            rows[family] = {"hit rate": (hits if on else ~hits).float().mean().item(),
-                            "chance": self.object_share if on else 1 - self.object_share,
-                            "a hit means": f"hottest pixel {'on' if on else 'off'} the object"}
+            rows[family] = {
+                "hit rate": (hits if on else ~hits).float().mean().item(),
+                "chance": self.object_share if on else 1 - self.object_share,
+                "a hit means": f"hottest pixel {'on' if on else 'off'} the object",
+            }
         return pd.DataFrame(rows).T.astype({"hit rate": float, "chance": float})
 
 
-def class_contrasts(bundle: ClipBundle, dataset: str | Path = "toy", n_images: int = 200, *, seed: int = 5050,
-                    batch_size: int = 32, layers: Sequence[int] | None = None,
-                    class_names: Sequence[str] | None = None, templates: Sequence | None = None,
-                    mask_handling: str = "aligned") -> ContrastSet:
+def class_contrasts(
+    bundle: ClipBundle,
+    dataset: str | Path = "toy",
+    n_images: int = 200,
+    *,
+    seed: int = 5050,
+    batch_size: int = 32,
+    layers: Sequence[int] | None = None,
+    class_names: Sequence[str] | None = None,
+    templates: Sequence | None = None,
+    mask_handling: str = "aligned",
+) -> ContrastSet:
     """Images with masks, decomposed spatially, with their class contrasts.
 
     Args:
@@ -245,18 +286,40 @@ def class_contrasts(bundle: ClipBundle, dataset: str | Path = "toy", n_images: i
         images = bundle.preprocess_batch(samples.images).cpu()
         masks = torch.stack([align_mask(mask, bundle.preprocess) for mask in samples.masks])
         classifiers = toy_classifiers(bundle, list(TOY_CONTRASTS))
-        parts = decompose_batches(bundle, images, batch_size=batch_size, spatial=True, layers=layers, progress=False)
-        contrasts = {a: Contrast(toy.ATTRIBUTES[a], classifiers[a].T.cpu(), torch.as_tensor(samples.attributes[a]),
-                                 on_object) for a, on_object in TOY_CONTRASTS.items()}
-        return ContrastSet("toy", images, masks, parts, contrasts, [("colour", "background"), ("shape", "colour")],
-                           bundle.preprocess)
+        parts = decompose_batches(
+            bundle, images, batch_size=batch_size, spatial=True, layers=layers, progress=False
+        )
+        contrasts = {
+            a: Contrast(
+                toy.ATTRIBUTES[a], classifiers[a].T.cpu(), torch.as_tensor(samples.attributes[a]), on_object
+            )
+            for a, on_object in TOY_CONTRASTS.items()
+        }
+        return ContrastSet(
+            "toy",
+            images,
+            masks,
+            parts,
+            contrasts,
+            [("colour", "background"), ("shape", "colour")],
+            bundle.preprocess,
+        )
     with ImageNetSegmentation(dataset, bundle.preprocess, mask_handling=mask_handling) as data:
         images, masks = data.batch(range(min(n_images, len(data))))
     names = list(class_names or IMAGENET_CLASSNAMES)
     classifier = zero_shot_classifier(bundle, names, templates or OPENAI_IMAGENET_TEMPLATES).cpu()
-    parts = decompose_batches(bundle, images, batch_size=batch_size, spatial=True, layers=layers, progress=False)
+    parts = decompose_batches(
+        bundle, images, batch_size=batch_size, spatial=True, layers=layers, progress=False
+    )
     top = (parts.total() @ classifier).topk(min(2, len(names)), dim=1).indices
     families = {"predicted class": (top[:, 0], True), "runner-up class": (top[:, -1], None)}
     contrasts = {f: Contrast(names, classifier.T, labels, on) for f, (labels, on) in families.items()}
-    return ContrastSet(Path(dataset).name, images, masks, parts, contrasts, [("predicted class", "runner-up class")],
-                       bundle.preprocess)
+    return ContrastSet(
+        Path(dataset).name,
+        images,
+        masks,
+        parts,
+        contrasts,
+        [("predicted class", "runner-up class")],
+        bundle.preprocess,
+    )
