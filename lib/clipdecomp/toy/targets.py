@@ -122,7 +122,7 @@ def _segmentation(bundle: ClipBundle, n_images: int) -> list[dict]:
     result = compare(METHODS, bundle, segmentation_set(bundle, "toy", n_images=n_images))
     table = result.table()
     rank = int((table["mIoU"] > table.loc[REFERENCE, "mIoU"]).sum()) + 1
-    others = ["raw_attention", "gradcam", "chefer"]
+    others = ["raw attention", "Grad-CAM", "Chefer et al."]
     beats = [m for m in others if all(table.loc["decomposition", k] > table.loc[m, k] for k in ("mIoU", "fg AP (extra)"))]
     return [_row("segmentation: pixels covered by objects", "≥ 12%", f"{coverage:.1%}", coverage >= 0.12),
             _row("segmentation: rank of the constant map by mIoU", f"not near the top (of {len(table)})",
