@@ -29,7 +29,7 @@ from .decomposition import _check_layers
 from .loading import ClipBundle
 from .zero_shot import IMAGENET_CLASSNAMES, TOY_TASKS, task_accuracies, toy_classifiers, zero_shot_classifier
 
-__all__ = ["EvaluationSet", "evaluation_set"]
+__all__ = ["EvaluationSet", "cache_folder", "evaluation_set"]
 
 
 @dataclass
@@ -81,12 +81,21 @@ class EvaluationSet:
         finished cache and resumes an interrupted one; a different call gets its own folder.
         """
         head_layers = _check_layers(layers, bundle.n_layers)
-        inputs = {"model": bundle.spec, "dataset": self.dataset.content_key(), "layers": list(head_layers),
-                  "indices": hashlib.sha256(self.indices.astype(np.int64).tobytes()).hexdigest()}
-        digest = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:12]
-        folder = Path(cache_dir) / f"{self.name}-{bundle.spec.replace('/', '_')}-{len(self)}-{digest}"
+        folder = cache_folder(cache_dir, self.name, bundle, self.dataset, head_layers, self.indices)
         return DecompositionCache.build(bundle, self.dataset, folder, indices=self.indices, layers=head_layers,
                                         batch_size=batch_size, progress=progress)
+
+
+def cache_folder(cache_dir: str | Path, name: str, bundle: ClipBundle, dataset: DecomposableDataset,
+                 layers: Sequence[int], indices: np.ndarray | None = None) -> Path:
+    """The folder under ``cache_dir`` for one decomposition: named from the model (spec and weights), the
+    images and the layers, so the same inputs find their cache again and different ones (e.g. retrained
+    weights) get a fresh folder instead of a stale-cache error."""
+    inputs = {"model": bundle.spec, "weights": bundle.weights_sha256, "dataset": dataset.content_key(),
+              "layers": list(layers),
+              "indices": None if indices is None else hashlib.sha256(np.asarray(indices, np.int64).tobytes()).hexdigest()}
+    digest = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:12]
+    return Path(cache_dir) / f"{name}-{bundle.spec.replace('/', '_')}-{len(dataset) if indices is None else len(indices)}-{digest}"
 
 
 def _stack_images(items: list[tuple]) -> torch.Tensor:

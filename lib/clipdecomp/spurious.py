@@ -306,6 +306,7 @@ def spurious_task(bundle: ClipBundle, dataset: str | Path = "toy", *, n_test: in
     """
     from .cache import DecompositionCache
     from .datasets import ToyDataset, WaterbirdsDataset
+    from .evaluation import cache_folder
     from .toy import world
 
     for name, value, low in (("n_test", n_test, 4), ("n_val", n_val, 4), ("last_k", last_k, 1),
@@ -330,7 +331,7 @@ def spurious_task(bundle: ClipBundle, dataset: str | Path = "toy", *, n_test: in
                                                                    "the {}."]).T
     splits = {}
     for split, images in data.items():
-        folder = Path(cache_dir) / f"spurious-{'toy' if toy else 'waterbirds'}-{bundle.spec.replace('/', '_')}-{split}"
+        folder = cache_folder(cache_dir, f"spurious-{split}", bundle, images, search_layers)
         cache = DecompositionCache.build(bundle, images, folder, layers=search_layers, batch_size=batch_size,
                                          progress=progress)
         labels = cache.labels
