@@ -5,8 +5,10 @@ A companion library to the executable book reproducing Gandelsman, Efros & Stein
 
     >>> import clipdecomp
     >>> bundle = clipdecomp.load("toy")
-    >>> parts = clipdecomp.decompose(bundle, images)   # images: bundle.preprocess'ed [B, 3, H, W]
-    >>> parts.total()                                  # == normalised bundle.encode_image(images)
+    >>> images = bundle.preprocess_batch(clipdecomp.toy.sample(4, seed=0).images)  # or PIL images
+    >>> parts = clipdecomp.decompose(bundle, images)
+    >>> bool((parts.total() - bundle.encode_image(images)).abs().max() < 1e-5)   # the parts sum back
+    True
 """
 from .ablation import intervene, mean_ablate
 from .cache import DecompositionCache, StaleCacheError
@@ -14,6 +16,8 @@ from .datasets import ImageFolderDataset, ToyDataset, WaterbirdsDataset
 from .decomposition import Decomposition, decompose, decompose_batches
 from .loading import ClipBundle, WeightsUnavailableError, load
 from .pools import load_pool, random_directions
+from .second_order import SecondOrder, SecondOrderStats
+from .sparse_texts import SparseCodes, omp, text_dictionary
 from .text_span import TextSpanResult, text_span, text_span_heads
 from .towers import Tower, vision_tower
 from .zero_shot import accuracy, zero_shot_classifier
@@ -23,4 +27,4 @@ __version__ = "0.1.0"
 __all__ = ["ClipBundle", "Decomposition", "DecompositionCache", "ImageFolderDataset", "StaleCacheError",
            "TextSpanResult", "Tower", "ToyDataset", "WaterbirdsDataset", "load_pool", "random_directions", "text_span",
            "text_span_heads", "WeightsUnavailableError", "accuracy", "decompose", "decompose_batches", "intervene", "load", "mean_ablate", "vision_tower",
-           "zero_shot_classifier"]
+           "zero_shot_classifier", "SecondOrder", "SecondOrderStats", "SparseCodes", "omp", "text_dictionary"]

@@ -9,9 +9,11 @@ A pool is a plain UTF-8 text file, one text per line. Three ship in ``data/pools
 * ``"toy"``: descriptions of the toy world's shapes, colours, positions, sizes and backgrounds, plus
   about 30% distractors the toy world never shows.
 
-    >>> pool = load_pool("descriptions")
-    >>> result = text_span(parts["L22H1"], bundle.encode_text(pool), m=10)
-    >>> result.texts(pool)
+    >>> from clipdecomp import text_span
+    >>> pool = load_pool("toy")
+    >>> result = text_span(parts.head_terms()[:, -1, 2], bundle.encode_text(pool), m=3)   # head L5H2
+    >>> len(result.texts(pool))
+    3
 """
 from __future__ import annotations
 

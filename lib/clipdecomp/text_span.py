@@ -220,8 +220,11 @@ def text_span(head_outputs: torch.Tensor, text_embeddings: torch.Tensor, m: int 
     and its precision). If the pool runs out of directions the head uses before ``m`` picks, it warns
     and returns fewer.
 
-    >>> result = text_span(parts["L22H1"], bundle.encode_text(pool), m=5)
-    >>> result.texts(pool), result.cumulative_explained[-1]
+    >>> from clipdecomp.pools import load_pool
+    >>> pool = load_pool("toy")
+    >>> result = text_span(parts["L5H2"], bundle.encode_text(pool), m=3)   # parts: a toy decomposition
+    >>> len(result.texts(pool)), bool(result.cumulative_explained[-1] <= 1)
+    (3, True)
     """
     texts = _prepare_texts(text_embeddings)
     _check_inputs(head_outputs, texts, m, rank)
