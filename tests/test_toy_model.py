@@ -68,7 +68,7 @@ def test_card_accuracies_reproduce_on_fresh_samples(card, toy):
     model, tokenizer, _ = toy
     torch.set_num_threads(1)
     assert card["eval"]["seed"] != 2024 and card["config"]["curve_seed"] != 2024
-    fresh = toy_zero_shot(model, tokenizer, n=2000, seed=2024)
+    fresh = toy_zero_shot(model, tokenizer, n=card["eval"]["n_per_split"], seed=2024)  # as many as the card
     shipped = card["zero_shot_accuracy"]
     for key in (*TOY_TASKS, "spurious"):
         assert abs(fresh[key] - shipped[key]) <= 0.02, (key, fresh[key], shipped[key])
@@ -135,3 +135,15 @@ def test_curriculum_overrides_the_batch_mix_until_it_ends():
     assert train.batch_options(config, 5) == config["data"]
     shape_only = world.sample(64, 0, **train.batch_options(config, 0))
     assert (shape_only.mentions.sum(1) == 1).all()
+
+
+def test_card_records_the_targets_it_was_measured_against(card):
+    from clipdecomp.toy import targets
+
+    rows = {row["what"]: row for row in card["targets"]}
+    assert len(rows) == len(card["targets"]) >= 15
+    for task, goal in targets.ZERO_SHOT.items():
+        row = rows[f"zero-shot {task}, uncorrelated split"]
+        assert row["measured"] == f"{card['zero_shot_accuracy'][task]:.1%}"
+        assert row["met"] == (card["zero_shot_accuracy"][task] >= goal)
+    assert all(isinstance(row["met"], bool) and row["target"] for row in rows.values())
