@@ -50,6 +50,24 @@ stays resumable. The manifest stores a content key (model, weights, open_clip ve
 dataset, selection, reductions); building or opening with a different key raises
 :class:`StaleCacheError` naming what differs, so a stale cache is never read.
 
+Many processes: called on every rank of an initialised ``torch.distributed`` process group (``torchrun
+... -m clipdecomp decompose`` does this itself), :meth:`~DecompositionCache.build` builds one cache with
+all of them (see :mod:`clipdecomp.distributed`). Every rank computes the content key and they must
+agree; rank 0 checks the folder, takes its lock for the whole job (the ranks work inside it) and alone
+writes ``manifest.json``; all ranks share the full verification of the shards already there; the
+missing shards are dealt out in turn (``todo[rank::world_size]``); each rank writes whole shards
+atomically, recording each in its own journal (``journal_rank00003.json``) before renaming it into
+place; when every rank is done, rank 0 merges the journals into the manifest and marks it complete.
+A shard's terms depend only on its own images and batches (batches never cross a shard), so the files
+are bitwise the ones a single process writes. A killed rank or job resumes with any number of ranks,
+one included: the journals of the killed job are merged, and only missing shards are computed.
+
+Tar shards: a :class:`~clipdecomp.datasets.ShardedDataset` such as
+:class:`~clipdecomp.datasets.TarShardDataset` is streamed, one cache shard per tar file (the shard
+count is known up front, the image count when the last shard is written). Its samples' ids, labels,
+captions (``captions``) and positions within their tar (``indices``) are stored per shard; corrupt
+samples skipped while streaming are recorded per shard and listed by :attr:`~DecompositionCache.skipped`.
+
 Example:
     >>> data = ToyDataset(512, seed=1, preprocess=bundle.preprocess)
     >>> cache = DecompositionCache.build(bundle, data, "caches/toy", layers=range(-4, 0))
@@ -66,8 +84,10 @@ import json
 import os
 import re
 import shutil
+import sys
+import time
 import warnings
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Iterator, Literal, Sequence
 
@@ -77,8 +97,10 @@ import torch
 from tqdm.auto import tqdm
 
 from .checks import check_choice, check_int, check_texts_list
-from .datasets import DecomposableDataset
+from .datasets import DecomposableDataset, ShardedDataset
 from .decomposition import Decomposition, _check_layers, decompose
+from .distributed import OtherRankFailedError, Ranks
+from .distributed import __file__ as _DISTRIBUTED_FILE
 from .loading import ClipBundle, file_sha256
 from .towers import vision_tower
 
@@ -88,7 +110,7 @@ except ImportError:  # Windows: no flock; builds still work but are not guarded 
     fcntl = None
 
 __all__ = ["DecompositionCache", "ShardedArray", "StaleCacheError", "CacheLockedError", "IncompleteCacheError",
-           "CorruptCacheError", "CacheStorageError", "cache_key"]
+           "CorruptCacheError", "CacheStorageError", "OtherRankFailedError", "cache_key"]
 
 FORMAT = 2
 FIELDS = ("embedding", "attns", "mlps", "heads", "cls_to_cls", "norm", "pool_mlp", "patch_text")
@@ -96,9 +118,11 @@ PatchDetail = Literal["layer", "head", "sum"]
 
 _SHARD = re.compile(r"shard_\d{5}")
 _SHARD_FILE = re.compile(r"(?:embedding|attns|mlps|heads|cls_to_cls|norm|pool_mlp|patch_text|ids|indices"
-                         r"|label_.+)\.npy")
-_TEMP = re.compile(r"\.(?:shard_\d{5}|manifest\.json|text_directions\.npy)\.clipdecomp-tmp-\d+")
-_SMALL_FILE = re.compile(r"(?:ids|indices|label_.+)\.npy")  # loaded whole on open, so hashed on every open
+                         r"|label_.+|caption_.+)\.npy")
+_JOURNAL = re.compile(r"journal_rank\d{5}\.json")  # the shards one rank of a job has written
+_TEMP = re.compile(r"\.(?:shard_\d{5}|manifest\.json|text_directions\.npy|journal_rank\d{5}\.json)"
+                   r"\.clipdecomp-tmp-\d+")
+_SMALL_FILE = re.compile(r"(?:ids|indices|label_.+|caption_.+)\.npy")  # loaded whole on open, so hashed on every open
 _FORMAT_1_LEFTOVER = re.compile(r"\.lock|\.shard_\d{5}\.tmp-\d+")  # the lock file and temporaries of format 1
 REPAIR = ("Build it again with the same arguments (the same DecompositionCache.build call or `python -m "
           "clipdecomp decompose` command) to recompute only the damaged shards, or delete the folder.")
@@ -120,10 +144,13 @@ class CorruptCacheError(RuntimeError):
     """Files of a cache no longer match what was recorded when they were written; ``problems`` names each."""
 
     def __init__(self, folder: Path, problems: Sequence[str], repair: str = REPAIR):
-        self.folder, self.problems = Path(folder), list(problems)
+        self.folder, self.problems, self.repair = Path(folder), list(problems), repair
         more = len(self.problems) - 6
         shown = "; ".join(self.problems[:6]) + (f"; and {more} more" if more > 0 else "")
         super().__init__(f"The cache in {folder} is damaged: {shown}. {repair}")
+
+    def __reduce__(self):  # picklable, so the error can travel between processes
+        return type(self), (self.folder, self.problems, self.repair)
 
 
 class CacheStorageError(OSError):
@@ -218,16 +245,22 @@ def _array_sha256(values: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(values).tobytes()).hexdigest()
 
 
-def cache_key(bundle: ClipBundle, dataset: DecomposableDataset, *, head_layers: Sequence[int],
-              selection: np.ndarray, text_directions: np.ndarray | None, patch_detail: str, dtype: str,
-              shard_size: int) -> dict:
-    """Everything a cache's contents depend on, as nested JSON-able dicts (compared key by key)."""
+def cache_key(bundle: ClipBundle, dataset: DecomposableDataset | ShardedDataset, *, head_layers: Sequence[int],
+              selection: np.ndarray | None, text_directions: np.ndarray | None, patch_detail: str, dtype: str,
+              shard_size: int | None) -> dict:
+    """Everything a cache's contents depend on, as nested JSON-able dicts (compared key by key).
+
+    ``selection`` and ``shard_size`` are None for a sharded (tar) dataset: every readable sample of
+    every shard, one cache shard per dataset shard.
+    """
+    chosen = ("every readable sample of every shard" if selection is None else
+              {"n_images": int(len(selection)), "sha256": _array_sha256(selection.astype(np.int64))})
     return {
         "format": FORMAT,
         "model": {"spec": bundle.spec, "weights": _model_fingerprint(bundle), "open_clip": open_clip.__version__,
                   **vision_tower(bundle).describe()},  # layers, width, image_size, patch_size
         "dataset": dataset.content_key(),  # includes the dataset's preprocessing
-        "selection": {"n_images": int(len(selection)), "sha256": _array_sha256(selection.astype(np.int64))},
+        "selection": chosen,
         "reductions": {"head_layers": list(head_layers), "dtype": dtype, "shard_size": shard_size,
                        "patch_detail": patch_detail if text_directions is not None else None,
                        "text_directions": None if text_directions is None else {
@@ -331,7 +364,16 @@ def _write_json(path: Path, payload: dict) -> None:
 
 def _is_own(name: str) -> bool:
     """Whether a folder entry has a name the builder writes (so a cache folder may hold it)."""
-    return name in ("manifest.json", "text_directions.npy") or bool(_SHARD.fullmatch(name) or _TEMP.fullmatch(name))
+    return name in ("manifest.json", "text_directions.npy") or any(
+        pattern.fullmatch(name) for pattern in (_SHARD, _TEMP, _JOURNAL))
+
+
+def _warn(message: str) -> None:
+    """Warn from the first caller outside this module (the user's build call), however deep the builder is."""
+    frame, level = sys._getframe(1), 2
+    while frame is not None and frame.f_code.co_filename in (__file__, _DISTRIBUTED_FILE):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, stacklevel=level)
 
 
 def _remove_shard(path: Path) -> None:
@@ -400,6 +442,18 @@ class _ReleaseLockInWorker:
             os.close(self.descriptor)
 
 
+def _checked(image, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """The image if it is a finite float tensor of the model's input shape; else a ValueError naming it."""
+    if not isinstance(image, torch.Tensor) or tuple(image.shape) != shape or not image.is_floating_point():
+        described = (f"shape {list(image.shape)}, dtype {image.dtype}" if isinstance(image, torch.Tensor)
+                     else f"type {type(image).__name__}")
+        raise ValueError(f"{name} has {described} after preprocessing; the model expects a float tensor "
+                         f"{list(shape)}: give the dataset the model's preprocess (bundle.preprocess).")
+    if not torch.isfinite(image).all():
+        raise ValueError(f"{name} contains NaN or Inf values after preprocessing; check the file and the preprocess.")
+    return image
+
+
 class _Images(torch.utils.data.Dataset):
     """The images of a dataset, checked one by one so that a bad one is named (labels come from the dataset)."""
 
@@ -410,16 +464,37 @@ class _Images(torch.utils.data.Dataset):
         return len(self.dataset)
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        image = self.dataset.image(index)
-        name = f"Image {self.dataset.ids[index]} (index {index})"
-        if not isinstance(image, torch.Tensor) or tuple(image.shape) != self.shape or not image.is_floating_point():
-            described = (f"shape {list(image.shape)}, dtype {image.dtype}" if isinstance(image, torch.Tensor)
-                         else f"type {type(image).__name__}")
-            raise ValueError(f"{name} has {described} after preprocessing; the model expects a float tensor "
-                             f"{list(self.shape)}: give the dataset the model's preprocess (bundle.preprocess).")
-        if not torch.isfinite(image).all():
-            raise ValueError(f"{name} contains NaN or Inf values after preprocessing; check the file and the preprocess.")
-        return image
+        return _checked(self.dataset.image(index), f"Image {self.dataset.ids[index]} (index {index})", self.shape)
+
+
+class _ShardBatches(torch.utils.data.IterableDataset):
+    """The samples of some shards of a sharded dataset, checked, in batches that never cross a shard.
+
+    Each DataLoader worker streams whole shards; every shard ends with a piece marked ``last`` (its
+    images may be none) that carries the shard's skipped samples.
+    """
+
+    def __init__(self, dataset: ShardedDataset, shards: Sequence[int], batch_size: int, size: tuple[int, int]):
+        self.dataset, self.shards, self.batch_size, self.shape = dataset, list(shards), batch_size, (3, *size)
+
+    def __iter__(self) -> Iterator[dict]:
+        worker = torch.utils.data.get_worker_info()
+        for shard in self.shards if worker is None else self.shards[worker.id::worker.num_workers]:
+            skipped: list[tuple[str, str]] = []
+            batch = []
+            for sample in self.dataset.samples(shard, skipped):
+                batch.append(sample._replace(image=_checked(sample.image, f"Image {sample.id}", self.shape)))
+                if len(batch) == self.batch_size:
+                    yield self._piece(shard, batch, [], last=False)
+                    batch = []
+            yield self._piece(shard, batch, skipped, last=True)
+
+    def _piece(self, shard: int, batch: list, skipped: list, last: bool) -> dict:
+        return {"shard": shard, "last": last, "skipped": skipped,
+                "images": torch.stack([s.image for s in batch]) if batch else torch.zeros((0, *self.shape)),
+                "ids": [s.id for s in batch], "indices": [s.index for s in batch],
+                "labels": {name: [s.labels[name] for s in batch] for name in self.dataset.label_names},
+                "captions": {name: [s.captions[name] for s in batch] for name in self.dataset.caption_names}}
 
 
 def _read_manifest(folder: Path) -> dict | None:
@@ -437,20 +512,27 @@ def _read_manifest(folder: Path) -> dict | None:
 
 
 def _manifest_problems(manifest: dict) -> list[str]:
-    """What is missing or malformed in a current-format manifest (an empty list when it is sound)."""
+    """What is missing or malformed in a current-format manifest (an empty list when it is sound).
+
+    A cache of a sharded (tar) dataset has no ``shard_size`` (one cache shard per tar file) and learns
+    ``n_images`` only when it is complete.
+    """
     def positive(name: str) -> bool:
         value = manifest.get(name)
         return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
-    problems = [f"manifest.json lacks a valid {name!r}" for name in ("n_images", "shard_size", "n_shards")
-                if not positive(name)]
+    per_tar = "shard_size" in manifest and manifest["shard_size"] is None
+    counted = ("n_shards",) + (("shard_size",) if not per_tar else ()) + (
+        ("n_images",) if not per_tar or manifest.get("status") == "complete" else ())
+    problems = [f"manifest.json lacks a valid {name!r}" for name in counted if not positive(name)]
     if manifest.get("status") not in ("building", "complete"):
         problems.append(f"manifest.json has status {manifest.get('status')!r}")
-    if not isinstance(manifest.get("shards"), dict) or not isinstance(manifest.get("label_names"), list):
+    if not isinstance(manifest.get("shards"), dict) or not isinstance(manifest.get("label_names"), list) or (
+            not isinstance(manifest.get("caption_names", []), list)):
         problems.append("manifest.json lacks the shard records or label names")
     if problems:
         return problems
-    if manifest["n_shards"] != -(-manifest["n_images"] // manifest["shard_size"]):
+    if not per_tar and manifest["n_shards"] != -(-manifest["n_images"] // manifest["shard_size"]):
         return ["manifest.json's n_shards does not match n_images and shard_size"]
     if manifest["status"] == "complete":
         if not isinstance(manifest.get("fields"), dict):
@@ -459,7 +541,8 @@ def _manifest_problems(manifest: dict) -> list[str]:
         if unrecorded:
             return [f"manifest.json has no record of {unrecorded[:3]}"]
         wanted = ({f"{field}.npy" for field in manifest["fields"]} | {"ids.npy", "indices.npy"}
-                  | {f"label_{label}.npy" for label in manifest["label_names"]})
+                  | {f"label_{label}.npy" for label in manifest["label_names"]}
+                  | {f"caption_{name}.npy" for name in manifest.get("caption_names", [])})
         for name, record in manifest["shards"].items():
             if not isinstance(record, dict) or not isinstance(record.get("files"), dict) or not wanted <= set(
                     record["files"]) or not isinstance(record.get("rows"), int):
@@ -528,7 +611,8 @@ def _record(path: Path, ids: np.ndarray) -> dict:
         array = np.load(file, mmap_mode="r")
         files[file.name] = {"bytes": file.stat().st_size, "shape": list(array.shape), "dtype": str(array.dtype),
                             "sha256": file_sha256(file)}
-    return {"rows": len(ids), "first_id": str(ids[0]), "last_id": str(ids[-1]), "files": files}
+    return {"rows": len(ids), "first_id": str(ids[0]) if len(ids) else None,
+            "last_id": str(ids[-1]) if len(ids) else None, "files": files}
 
 
 class DecompositionCache:
@@ -537,7 +621,8 @@ class DecompositionCache:
     Fields (see the module docstring) are :class:`ShardedArray` views of memory-mapped shards:
     ``embedding``, ``attns``, ``mlps``, ``heads``, ``cls_to_cls``, ``norm``, ``patch_text``. Per-image
     metadata is loaded into memory: ``labels`` (name -> int array), ``ids`` (strings), ``indices``
-    (positions in the dataset). Creating one runs the cheap integrity checks of every shard and raises
+    (positions in the dataset; for tar shards, positions within each tar), ``captions`` (name -> list of
+    strings, tar shards only). Creating one runs the cheap integrity checks of every shard and raises
     :class:`CorruptCacheError` naming each damaged file.
     """
 
@@ -556,6 +641,8 @@ class DecompositionCache:
         self.ids = np.concatenate([s["ids.npy"] for s in shards]).tolist()
         self.indices = np.concatenate([s["indices.npy"] for s in shards])
         self.labels = {name: np.concatenate([s[f"label_{name}.npy"] for s in shards]) for name in manifest["label_names"]}
+        self.captions = {name: np.concatenate([s[f"caption_{name}.npy"] for s in shards]).tolist()
+                         for name in manifest.get("caption_names", [])}
 
     def _text_directions_problems(self) -> list[str]:
         expected = self.manifest["key"]["reductions"]["text_directions"]
@@ -587,6 +674,12 @@ class DecompositionCache:
     def text_directions(self) -> np.ndarray | None:
         path = self.folder / "text_directions.npy"
         return np.load(path) if path.is_file() else None
+
+    @property
+    def skipped(self) -> list[tuple[str, str]]:
+        """``(id, reason)`` of each corrupt sample a tar-shard build skipped, in shard order (else empty)."""
+        return [(sample_id, reason) for shard in range(self.manifest["n_shards"])
+                for sample_id, reason in self.manifest["shards"][_shard_name(shard)].get("skipped", [])]
 
     @property
     def nbytes(self) -> int:
@@ -698,16 +791,18 @@ class DecompositionCache:
         return cache.verify() if verify else cache
 
     @classmethod
-    def build(cls, bundle: ClipBundle, dataset: DecomposableDataset, out_dir: str | Path, *, batch_size: int = 32,
-              layers: Sequence[int] | None = None, text_directions: torch.Tensor | np.ndarray | None = None,
-              text_labels: Sequence[str] | None = None, patch_detail: PatchDetail | None = None,
-              indices: Sequence[int] | None = None, shard_size: int = 1024, dtype: str = "float16",
-              num_workers: int = 0, progress: bool = True) -> "DecompositionCache":
+    def build(cls, bundle: ClipBundle, dataset: DecomposableDataset | ShardedDataset, out_dir: str | Path, *,
+              batch_size: int = 32, layers: Sequence[int] | None = None,
+              text_directions: torch.Tensor | np.ndarray | None = None, text_labels: Sequence[str] | None = None,
+              patch_detail: PatchDetail | None = None, indices: Sequence[int] | None = None,
+              shard_size: int | None = None, dtype: str = "float16", num_workers: int = 0,
+              progress: bool = True) -> "DecompositionCache":
         """Decompose ``dataset`` (or its ``indices``) into ``out_dir``, resuming or repairing a previous build.
 
         Args:
             bundle: the model (from :func:`clipdecomp.load`); runs on ``bundle.device``.
-            dataset: a :class:`~clipdecomp.datasets.DecomposableDataset`.
+            dataset: a :class:`~clipdecomp.datasets.DecomposableDataset`, or a
+                :class:`~clipdecomp.datasets.ShardedDataset` (tar shards, streamed; one cache shard each).
             out_dir: the cache folder (created; must be new, empty, or a cache of the same key).
             batch_size: images per forward pass (>= 1).
             layers: layers that keep per-head detail (negative counts from the end); default all.
@@ -716,26 +811,54 @@ class DecompositionCache:
             text_labels: optional names of the T directions, kept in the manifest.
             patch_detail: ``"layer"`` (default when ``text_directions`` is given), ``"head"`` or ``"sum"``;
                 only meaningful with ``text_directions``.
-            indices: the distinct dataset positions to decompose, in order (default: all).
-            shard_size: images per shard folder (>= 1).
+            indices: the distinct dataset positions to decompose, in order (default: all; not for tar shards).
+            shard_size: images per shard folder (>= 1; default 1024; not for tar shards).
             dtype: ``"float16"`` (default) or ``"float32"`` storage of the terms.
             num_workers: DataLoader worker processes for image decoding (>= 0).
-            progress: show a tqdm progress bar.
+            progress: show a tqdm progress bar (on rank 0: the whole job's).
 
         A finished cache of the same key is fully verified and returned without writing anything (so it
-        may sit on read-only storage); damaged shards are recomputed, nothing else.
+        may sit on read-only storage); damaged shards are recomputed, nothing else. Under an initialised
+        ``torch.distributed`` process group, call it on every rank with the same arguments: the ranks
+        build the cache together (module docstring); give each rank its own device
+        (:func:`clipdecomp.distributed.local_device`).
         """
+        with Ranks() as ranks:
+            job = ranks.step(lambda: cls._plan(bundle, dataset, out_dir, batch_size, layers, text_directions,
+                                               text_labels, patch_detail, indices, shard_size, dtype, num_workers,
+                                               progress, ranks))
+            for rank, key in enumerate(ranks.gather(job.key)):
+                if key != job.key:  # every rank sees the same list, so all stop here together
+                    raise ValueError(f"Rank {rank} of this job would build a cache from other inputs than rank "
+                                     f"{ranks.rank}: " + "; ".join(_key_differences(key, job.key)) + ". Every rank "
+                                     "must build with the same model (the same seed for random-init specs), dataset "
+                                     "and arguments.")
+            job.run()
+            return cls.open(job.folder, expected_key=job.key)
+
+    @classmethod
+    def _plan(cls, bundle: ClipBundle, dataset, out_dir, batch_size, layers, text_directions, text_labels,
+              patch_detail, indices, shard_size, dtype, num_workers, progress, ranks: Ranks) -> "_Build":
+        """Check the arguments of :meth:`build` and compute the content key."""
         if not isinstance(out_dir, (str, os.PathLike)) or not str(out_dir):
             raise TypeError(f"out_dir must be a folder path, got {out_dir!r}.")
-        if not isinstance(dataset, DecomposableDataset):
-            raise TypeError(f"dataset must be a DecomposableDataset (ids, labels, image(i), content_key()), got "
-                            f"{type(dataset).__name__}.")
-        folder = Path(out_dir).expanduser()
+        streamed = isinstance(dataset, ShardedDataset)
+        if not streamed and not isinstance(dataset, DecomposableDataset):
+            raise TypeError(f"dataset must be a DecomposableDataset (ids, labels, image(i), content_key()) or a "
+                            f"ShardedDataset such as TarShardDataset, got {type(dataset).__name__}.")
         tower = vision_tower(bundle)
         head_layers = _check_layers(layers, tower.n_layers)
-        selection = cls._check_indices(indices, len(dataset))
+        if streamed:
+            for name, value in (("indices", indices), ("shard_size", shard_size)):
+                if value is not None:
+                    raise ValueError(f"{name} does not apply to {type(dataset).__name__}: its cache keeps one shard "
+                                     "per tar file and every readable sample (choose the tar files instead).")
+            selection = None
+        else:
+            selection = cls._check_indices(indices, len(dataset))
         batch_size = check_int("batch_size", batch_size, minimum=1)
-        shard_size = check_int("shard_size", shard_size, minimum=1)
+        if not streamed:
+            shard_size = check_int("shard_size", 1024 if shard_size is None else shard_size, minimum=1)
         num_workers = check_int("num_workers", num_workers, minimum=0)
         check_choice("dtype", dtype, ("float16", "float32"))
         if patch_detail is not None:
@@ -748,23 +871,10 @@ class DecompositionCache:
         texts = cls._check_texts(text_directions, text_labels, tower.output_dim)
         key = cache_key(bundle, dataset, head_layers=head_layers, selection=selection, text_directions=texts,
                         patch_detail=patch_detail or "layer", dtype=dtype, shard_size=shard_size)
-        job = _Build(folder, key, bundle, dataset, selection, shard_size, head_layers, texts, patch_detail or "layer",
-                     np.dtype(dtype), text_labels)
-        _classify(folder)  # refuse a foreign folder before creating or locking anything
-        created = job.create_folder()
-        try:
-            with _exclusive(folder) as lock:
-                job.run(batch_size, num_workers, progress, lock)
-        except CacheLockedError:
-            raise  # the folder belongs to the run holding the lock
-        except BaseException:
-            for path in reversed(created):  # a build that wrote no shard leaves no folder behind
-                try:
-                    path.rmdir()
-                except OSError:
-                    break
-            raise
-        return cls.open(folder, expected_key=key)
+        job = _Build(Path(out_dir).expanduser(), key, bundle, dataset, selection, shard_size, head_layers, texts,
+                     patch_detail or "layer", np.dtype(dtype), text_labels, ranks)
+        job.batch_size, job.num_workers, job.progress = batch_size, num_workers, progress
+        return job
 
     @staticmethod
     def _check_indices(indices, n: int) -> np.ndarray:
@@ -829,20 +939,226 @@ def _classify(folder: Path) -> tuple[str, dict | None]:
 
 
 class _Build:
-    """One build of a cache folder: decide what to keep, write the missing or damaged shards, and undo a
-    fresh build that fails before its first shard."""
+    """One build of a cache folder by the ranks of a job (a job of one outside torch.distributed).
 
-    def __init__(self, folder: Path, key: dict, bundle: ClipBundle, dataset: DecomposableDataset,
-                 selection: np.ndarray, shard_size: int, head_layers: tuple[int, ...], texts: np.ndarray | None,
-                 patch_detail: str, dtype: np.dtype, text_labels: Sequence[str] | None):
+    Steps, each agreed between the ranks (:class:`~clipdecomp.distributed.Ranks`): rank 0 checks the
+    folder, takes its lock and reads what an earlier build left (:meth:`_begin`); every rank fully
+    verifies its share of the shards already there (:meth:`_check_shards`); rank 0 decides what to
+    recompute and clears leftovers (:meth:`_prepare`); every rank writes its share of the missing shards
+    (:meth:`_compute`); rank 0 merges the journals and marks the cache complete (:meth:`_finish`). A
+    fresh build that fails before its first shard is undone (:meth:`_abandon`).
+    """
+
+    batch_size: int = 32
+    num_workers: int = 0
+    progress: bool = True
+
+    def __init__(self, folder: Path, key: dict, bundle: ClipBundle, dataset: DecomposableDataset | ShardedDataset,
+                 selection: np.ndarray | None, shard_size: int | None, head_layers: tuple[int, ...],
+                 texts: np.ndarray | None, patch_detail: str, dtype: np.dtype, text_labels: Sequence[str] | None,
+                 ranks: Ranks):
         self.folder, self.key, self.bundle, self.dataset, self.selection = folder, key, bundle, dataset, selection
         self.shard_size, self.head_layers, self.texts_array = shard_size, head_layers, texts
-        self.patch_detail, self.dtype, self.text_labels = patch_detail, dtype, text_labels
+        self.patch_detail, self.dtype, self.text_labels, self.ranks = patch_detail, dtype, text_labels, ranks
         self.texts = None if texts is None else torch.from_numpy(texts).to(bundle.device)
-        self.n_shards = -(-len(selection) // shard_size)
+        self.streamed = selection is None  # a sharded (tar) dataset: one cache shard per dataset shard
+        self.n_shards = len(dataset.shard_names) if self.streamed else -(-len(selection) // shard_size)
+        self.label_names = list(dataset.label_names) if self.streamed else sorted(dataset.labels)
+        self.caption_names = list(dataset.caption_names) if self.streamed else []
+        self.image_size = tuple(vision_tower(bundle).image_size)
+        self.key_sha256 = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+        self.manifest: dict = {}  # rank 0: manifest.json as last written
+        self.journal = {"key_sha256": self.key_sha256, "rank": ranks.rank, "shards": {}}  # other ranks' records
+        self.fresh = False  # rank 0: the folder held no cache (a failure before the first shard is undone)
+        self.locked = False  # rank 0 holds the folder's lock
+        self.lock: int | None = None  # its descriptor, closed in DataLoader workers
+        self.created: list[Path] = []  # folders this build created (removed again if it wrote no shard)
         self.written: list[Path] = []  # files a fresh build created before its first shard (removed on failure)
         self.leftovers: list[Path] = []  # a format-1 cache's lock file and temporaries, removed when it is upgraded
         self.unrecorded: dict[str, str] = {}  # why a format-1 shard was not taken over
+
+    # --- the steps ---------------------------------------------------------------------------------------
+
+    def run(self) -> None:
+        ranks = self.ranks
+        with ExitStack() as held:  # on rank 0: the folder's lock, released when the job is over
+            try:
+                begun = ranks.lead(lambda: self._begin(held))
+                self.unrecorded = begun["unrecorded"]
+                found = ranks.gather(ranks.step(lambda: self._check_shards(begun)))
+                todo = ranks.lead(lambda: self._prepare(found))
+                if todo is None:
+                    return  # a whole cache: nothing is written (read-only storage is fine)
+                progress = _JobProgress(self, todo)
+                with progress:
+                    ranks.step(lambda: self._compute(todo[ranks.rank::ranks.size], progress),
+                               meanwhile=progress.refresh)
+                ranks.lead(self._finish)
+            except BaseException as error:
+                if ranks.leads and self.locked and not isinstance(error, CacheLockedError):
+                    self._abandon()
+                raise
+
+    def _begin(self, held: ExitStack) -> dict:
+        """Rank 0: refuse a foreign folder, create it, lock it, and read the manifest and journals left there."""
+        _classify(self.folder)  # refuse a foreign folder before creating or locking anything
+        self.created = self.create_folder()
+        try:
+            self.lock = held.enter_context(_exclusive(self.folder))  # its descriptor (None where flock is missing)
+        except CacheLockedError:
+            raise  # the folder belongs to the run holding the lock
+        except BaseException:
+            self._remove_created()
+            raise
+        self.locked = True
+        self.manifest, self.fresh = self._existing()
+        self._merge_journals()
+        there = [shard for shard in range(self.n_shards) if (self.folder / _shard_name(shard)).is_dir()]
+        return {"records": self.manifest["shards"], "unrecorded": self.unrecorded, "there": there}
+
+    def _check_shards(self, begun: dict) -> dict[str, list[str]]:
+        """Every rank: fully verify its share of the shard folders already there; their problems by name."""
+        mine = begun["there"][self.ranks.rank::self.ranks.size]
+        return {_shard_name(s): self._reusable(s, begun["records"].get(_shard_name(s))) for s in mine}
+
+    def _prepare(self, found: list[dict[str, list[str]]]) -> list[int] | None:
+        """Rank 0: the shards to compute (None when the cache is whole); clears leftovers and damaged shards."""
+        manifest, records = self.manifest, self.manifest["shards"]
+        checked = {name: problems for part in found for name, problems in part.items()}
+        todo, damaged = [], {}
+        for shard in range(self.n_shards):
+            name = _shard_name(shard)
+            if name not in checked:  # no shard folder
+                if records.pop(name, None) is not None and manifest["status"] == "complete":
+                    damaged[name] = [f"{name} is missing"]
+                todo.append(shard)
+            elif checked[name]:
+                damaged[name] = checked[name]
+                records.pop(name, None)
+                todo.append(shard)
+        leftovers = [p for p in self.folder.iterdir() if _TEMP.fullmatch(p.name) or _JOURNAL.fullmatch(p.name)]
+        leftovers += self.leftovers
+        if not todo and not leftovers and manifest["status"] == "complete" and self._texts_in_place():
+            return None
+        if damaged:
+            _warn(f"{self.folder}: recomputing {len(damaged)} damaged shard(s): "
+                  + "; ".join(p for problems in damaged.values() for p in problems))
+        ranks = f", leading {self.ranks.size} ranks" if self.ranks.size > 1 else ""
+        manifest.update(status="building", writer=f"pid {os.getpid()} on {os.uname().nodename}{ranks}, since "
+                                                  f"{datetime.datetime.now().isoformat(timespec='seconds')}")
+        with _writing(self.folder, "manifest.json"):
+            if self.fresh:
+                self.written.append(self.folder / "manifest.json")
+            _write_json(self.folder / "manifest.json", manifest)  # holds the journals' records: they can go
+            for leftover in leftovers:  # half-written files of a killed run, merged journals (names only we use)
+                shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
+            for name in damaged:
+                if (self.folder / name).is_dir():
+                    _remove_shard(self.folder / name)
+            if not self._texts_in_place():
+                target = self.folder / "text_directions.npy"
+                if self.fresh:
+                    self.written.append(target)
+                _save_array(_temp_path(target), self.texts_array)
+                os.replace(_temp_path(target), target)
+        return todo
+
+    def _compute(self, mine: list[int], progress: "_JobProgress") -> None:
+        """Every rank: decompose and write its shards."""
+        release = _ReleaseLockInWorker(self.lock) if self.num_workers > 0 and self.lock is not None else None
+        if self.streamed:
+            self._compute_stream(mine, progress, release)
+            return
+        plan = [(s, self.rows(s)[i:i + self.batch_size]) for s in mine
+                for i in range(0, len(self.rows(s)), self.batch_size)]
+        loader = torch.utils.data.DataLoader(_Images(self.dataset, self.image_size),
+                                             batch_sampler=[b.tolist() for _, b in plan],
+                                             num_workers=self.num_workers, worker_init_fn=release)
+        pending: dict[str, list[np.ndarray]] = {}
+        for (shard, batch), batch_images in zip(plan, loader):
+            for name, values in self._terms(batch_images).items():
+                pending.setdefault(name, []).append(values)
+            progress.add(len(batch))
+            if sum(len(v) for v in pending["norm"]) == len(self.rows(shard)):
+                rows, ids = self.rows(shard), self._expected_ids(shard)
+                files = {**{f"{name}.npy": np.concatenate(v) for name, v in pending.items()},
+                         "indices.npy": rows, "ids.npy": ids,
+                         **{f"label_{label}.npy": np.asarray(values)[rows].astype(np.int64)
+                            for label, values in self.dataset.labels.items()}}
+                self._write(shard, files, ids, [], left=len(mine) - mine.index(shard) - 1)
+                pending = {}
+
+    def _compute_stream(self, mine: list[int], progress: "_JobProgress", release) -> None:
+        source = _ShardBatches(self.dataset, mine, self.batch_size, self.image_size)
+        loader = torch.utils.data.DataLoader(source, batch_size=None, num_workers=min(self.num_workers, len(mine)),
+                                             worker_init_fn=release)
+        pending: dict[int, dict] = {}
+        for piece in loader:  # whole shards per worker; pieces of different shards may interleave
+            part = pending.setdefault(piece["shard"], {"terms": [], "ids": [], "indices": [],
+                                                       **{f"label_{n}": [] for n in self.label_names},
+                                                       **{f"caption_{n}": [] for n in self.caption_names}})
+            if len(piece["images"]):
+                part["terms"].append(self._terms(piece["images"]))
+            part["ids"] += piece["ids"]
+            part["indices"] += piece["indices"]
+            for name in self.label_names:
+                part[f"label_{name}"] += piece["labels"][name]
+            for name in self.caption_names:
+                part[f"caption_{name}"] += piece["captions"][name]
+            progress.add(len(piece["images"]))
+            if piece["last"]:
+                del pending[piece["shard"]]
+                terms = part.pop("terms") or [{name: values[:0] for name, values in self._terms(
+                    torch.zeros((1, 3, *self.image_size))).items()}]  # no readable sample: empty fields
+                ids = np.array(part.pop("ids"), dtype=str)
+                files = {**{f"{name}.npy": np.concatenate([t[name] for t in terms]) for name in terms[0]},
+                         "ids.npy": ids, "indices.npy": np.array(part.pop("indices"), dtype=np.int64),
+                         **{f"{name}.npy": np.array(values, dtype=np.int64 if name.startswith("label_") else str)
+                            for name, values in part.items()}}
+                self._write(piece["shard"], files, ids, piece["skipped"],
+                            left=len(mine) - mine.index(piece["shard"]) - 1)
+
+    def _finish(self) -> None:
+        """Rank 0: merge the other ranks' journals and mark the cache complete."""
+        self._merge_journals()
+        records = self.manifest["shards"]
+        missing = [_shard_name(s) for s in range(self.n_shards) if _shard_name(s) not in records]
+        if missing:
+            raise IncompleteCacheError(f"{self.folder}: {missing[:3]} were written by no rank of this job; run the "
+                                       "same build again to compute them.")
+        n_images = sum(records[_shard_name(s)]["rows"] for s in range(self.n_shards))
+        skipped = [entry for s in range(self.n_shards) for entry in records[_shard_name(s)].get("skipped", [])]
+        if n_images == 0:
+            examples = "; ".join(f"{sample_id}: {reason}" for sample_id, reason in skipped[:3])
+            raise ValueError(f"None of the samples of the {self.n_shards} shard(s) could be read ({examples}): check "
+                             "that they are webdataset tar files whose samples hold an image and the label and "
+                             "caption keys asked for.")
+        first = records[_shard_name(0)]["files"]
+        self.manifest["n_images"] = n_images
+        self.manifest["fields"] = {file[:-4]: {"shape": [n_images, *entry["shape"][1:]], "dtype": entry["dtype"]}
+                                   for file, entry in first.items() if file[:-4] in FIELDS}
+        self.manifest.update(status="complete", finished=datetime.datetime.now().isoformat(timespec="seconds"))
+        self.manifest.pop("writer", None)
+        with _writing(self.folder, "manifest.json"):
+            _write_json(self.folder / "manifest.json", self.manifest)
+            for journal in [p for p in self.folder.iterdir() if _JOURNAL.fullmatch(p.name)]:
+                journal.unlink()
+        if skipped:
+            names = "; ".join(f"{sample_id} ({reason})" for sample_id, reason in skipped[:5])
+            _warn(f"{self.folder}: {len(skipped)} corrupt sample(s) were skipped: {names}"
+                  f"{' ...' if len(skipped) > 5 else ''}. cache.skipped lists them all; build from a dataset with "
+                  "strict=True to make this an error.")
+
+    def _abandon(self) -> None:
+        """Rank 0, after a failure: a fresh build that wrote no shard leaves the folder as it found it."""
+        try:
+            if self.fresh and not any(_SHARD.fullmatch(p.name) for p in self.folder.iterdir()):
+                self._undo()
+                self._remove_created()
+        except OSError:
+            pass  # the folder went away or cannot be listed: nothing of ours to undo there
+
+    # --- helpers -------------------------------------------------------------------------------------------
 
     def create_folder(self) -> list[Path]:
         """Create the cache folder and missing parents; return those created (deepest last)."""
@@ -856,6 +1172,13 @@ class _Build:
             self.folder.mkdir(parents=True, exist_ok=True)
         return created[::-1]
 
+    def _remove_created(self) -> None:
+        for path in reversed(self.created):  # a build that wrote no shard leaves no folder behind
+            try:
+                path.rmdir()
+            except OSError:
+                break
+
     def rows(self, shard: int) -> np.ndarray:
         return self.selection[shard * self.shard_size:(shard + 1) * self.shard_size]
 
@@ -863,8 +1186,10 @@ class _Build:
         return np.array([self.dataset.ids[i] for i in self.rows(shard)])
 
     def _new_manifest(self) -> dict:
-        return {"format": FORMAT, "status": "building", "key": self.key, "n_images": len(self.selection),
-                "shard_size": self.shard_size, "n_shards": self.n_shards, "label_names": sorted(self.dataset.labels),
+        return {"format": FORMAT, "status": "building", "key": self.key,
+                "n_images": None if self.streamed else len(self.selection),
+                "shard_size": self.shard_size, "n_shards": self.n_shards, "label_names": self.label_names,
+                **({"caption_names": self.caption_names} if self.caption_names else {}),
                 "text_labels": list(self.text_labels) if self.text_labels else None, "shards": {},
                 "created": datetime.datetime.now().isoformat(timespec="seconds")}
 
@@ -874,8 +1199,8 @@ class _Build:
         if state in ("new", "empty"):
             return self._new_manifest(), True
         if state == "damaged":
-            warnings.warn(f"{self.folder}/manifest.json is unreadable; rebuilding the cache (every shard is "
-                          "recomputed, since none can be checked without it).", stacklevel=4)
+            _warn(f"{self.folder}/manifest.json is unreadable; rebuilding the cache (every shard is recomputed, "
+                  "since none can be checked without it).")
             return self._new_manifest(), False
         if manifest["format"] == 1 and {**manifest["key"], "format": FORMAT} == self.key:
             return self._upgraded(), False
@@ -892,15 +1217,28 @@ class _Build:
                                   + ". Delete the folder to rebuild it, or build into another folder.")
         problems = _manifest_problems(manifest)
         if problems:
-            warnings.warn(f"{self.folder}: {'; '.join(problems)}; recomputing every shard.", stacklevel=4)
+            _warn(f"{self.folder}: {'; '.join(problems)}; recomputing every shard.")
             return self._new_manifest(), False
         return manifest, False
+
+    def _merge_journals(self) -> None:
+        """Rank 0: take the records of this cache's journals (ranks of this or a killed job) into the manifest."""
+        for path in sorted(p for p in self.folder.iterdir() if _JOURNAL.fullmatch(p.name)):
+            try:
+                journal = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+                continue  # its shards count as unrecorded and are recomputed
+            if not isinstance(journal, dict) or journal.get("key_sha256") != self.key_sha256:
+                continue  # another build's: removed with the leftovers
+            for name, record in (journal.get("shards") or {}).items():
+                if isinstance(name, str) and _SHARD.fullmatch(name) and (self.folder / name).is_dir():
+                    self.manifest["shards"][name] = record
 
     def _upgraded(self) -> dict:
         """A format-2 manifest for a format-1 cache of this build: its shards are checked against the dataset
         (ids, indices, labels, shapes) and their checksums recorded; shards that fail are recomputed."""
-        warnings.warn(f"{self.folder} was written in cache format 1, without checksums: checking its shards against "
-                      "the dataset and recording their checksums.", stacklevel=5)
+        _warn(f"{self.folder} was written in cache format 1, without checksums: checking its shards against the "
+              "dataset and recording their checksums.")
         manifest = self._new_manifest()
         self.leftovers = [p for p in self.folder.iterdir() if _FORMAT_1_LEFTOVER.fullmatch(p.name)]
         for shard in range(self.n_shards):
@@ -933,63 +1271,11 @@ class _Build:
         if record is None:
             return [self.unrecorded.get(name, f"{name} is not recorded in manifest.json")]
         arrays, problems = _check_shard(self.folder, name, record, full=True)
-        if not problems and not (np.array_equal(arrays["indices.npy"], self.rows(shard))
-                                 and np.array_equal(arrays["ids.npy"], self._expected_ids(shard))):
+        if not problems and not self.streamed and not (
+                np.array_equal(arrays["indices.npy"], self.rows(shard))
+                and np.array_equal(arrays["ids.npy"], self._expected_ids(shard))):
             problems = [f"{name} does not hold the images this build puts there"]
-        return problems
-
-    def run(self, batch_size: int, num_workers: int, progress: bool, lock: int | None) -> None:
-        manifest, fresh = self._existing()
-        records: dict = manifest["shards"]
-        todo, damaged = [], {}
-        for shard in range(self.n_shards):
-            name = _shard_name(shard)
-            if not (self.folder / name).is_dir():
-                if records.pop(name, None) is not None and manifest["status"] == "complete":
-                    damaged[name] = [f"{name} is missing"]
-                todo.append(shard)
-                continue
-            problems = self._reusable(shard, records.get(name))
-            if problems:
-                damaged[name] = problems
-                records.pop(name, None)
-                todo.append(shard)
-        temporaries = [p for p in self.folder.iterdir() if _TEMP.fullmatch(p.name)] + self.leftovers
-        if not todo and not temporaries and manifest["status"] == "complete" and self._texts_in_place():
-            return  # a whole cache: nothing is written (read-only storage is fine)
-        if damaged:
-            warnings.warn(f"{self.folder}: recomputing {len(damaged)} damaged shard(s): "
-                          + "; ".join(p for problems in damaged.values() for p in problems), stacklevel=3)
-        manifest.update(status="building", writer=f"pid {os.getpid()} on {os.uname().nodename}, since "
-                                                  f"{datetime.datetime.now().isoformat(timespec='seconds')}")
-        try:
-            with _writing(self.folder, "manifest.json"):
-                if fresh:
-                    self.written.append(self.folder / "manifest.json")
-                _write_json(self.folder / "manifest.json", manifest)
-                for leftover in temporaries:  # half-written files of a killed run (names only the builder uses)
-                    shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
-                for name in damaged:
-                    if (self.folder / name).is_dir():
-                        _remove_shard(self.folder / name)
-                if not self._texts_in_place():
-                    target = self.folder / "text_directions.npy"
-                    if fresh:
-                        self.written.append(target)
-                    _save_array(_temp_path(target), self.texts_array)
-                    os.replace(_temp_path(target), target)
-            self._compute(manifest, todo, batch_size, num_workers, progress, lock)
-        except BaseException:
-            if fresh and not any(_SHARD.fullmatch(p.name) for p in self.folder.iterdir()):
-                self._undo()
-            raise
-        first = records[_shard_name(0)]["files"]
-        manifest["fields"] = {file[:-4]: {"shape": [len(self.selection), *entry["shape"][1:]], "dtype": entry["dtype"]}
-                              for file, entry in first.items() if file[:-4] in FIELDS}
-        manifest.update(status="complete", finished=datetime.datetime.now().isoformat(timespec="seconds"))
-        manifest.pop("writer", None)
-        with _writing(self.folder, "manifest.json"):
-            _write_json(self.folder / "manifest.json", manifest)
+        return problems  # a tar shard's contents are pinned by the key (its size and mtime) and the checksums
 
     def _texts_in_place(self) -> bool:
         if self.texts_array is None:
@@ -1001,31 +1287,12 @@ class _Build:
 
     def _undo(self) -> None:
         """Remove what this fresh build wrote, so the folder is as it was found."""
-        for path in [p for p in self.folder.iterdir() if _TEMP.fullmatch(p.name)] + self.written:
+        own = [p for p in self.folder.iterdir() if _TEMP.fullmatch(p.name) or _JOURNAL.fullmatch(p.name)]
+        for path in own + self.written:
             try:
                 shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
             except OSError:
                 pass
-
-    def _compute(self, manifest: dict, todo: list[int], batch_size: int, num_workers: int, progress: bool,
-                 lock: int | None) -> None:
-        plan = [(s, self.rows(s)[i:i + batch_size]) for s in todo for i in range(0, len(self.rows(s)), batch_size)]
-        images = _Images(self.dataset, tuple(vision_tower(self.bundle).image_size))
-        release = _ReleaseLockInWorker(lock) if lock is not None and num_workers > 0 else None
-        loader = torch.utils.data.DataLoader(images, batch_sampler=[b.tolist() for _, b in plan],
-                                             num_workers=num_workers, worker_init_fn=release)
-        bar = tqdm(total=len(self.selection), initial=len(self.selection) - sum(len(b) for _, b in plan),
-                   unit="img", desc="decomposing", disable=not progress)
-        pending: dict[str, list[np.ndarray]] = {}
-        with bar:
-            for (shard, batch), batch_images in zip(plan, loader):
-                for name, values in self._terms(batch_images).items():
-                    pending.setdefault(name, []).append(values)
-                bar.update(len(batch))
-                if sum(len(v) for v in pending["norm"]) == len(self.rows(shard)):
-                    left = len(todo) - todo.index(shard) - 1
-                    self._write(shard, {name: np.concatenate(v) for name, v in pending.items()}, manifest, left)
-                    pending = {}
 
     @torch.no_grad()
     def _terms(self, images: torch.Tensor) -> dict[str, np.ndarray]:
@@ -1045,24 +1312,70 @@ class _Build:
         out["norm"] = parts.norm.cpu().numpy().astype(np.float32)
         return out
 
-    def _write(self, shard: int, arrays: dict[str, np.ndarray], manifest: dict, left: int) -> None:
-        """Write a shard into a temporary folder, record it in the manifest, then rename it into place."""
-        rows, ids, name = self.rows(shard), self._expected_ids(shard), _shard_name(shard)
-        files = {**{f"{field}.npy": values for field, values in arrays.items()}, "indices.npy": rows, "ids.npy": ids,
-                 **{f"label_{label}.npy": np.asarray(values)[rows].astype(np.int64)
-                    for label, values in self.dataset.labels.items()}}
+    def _write(self, shard: int, files: dict[str, np.ndarray], ids: np.ndarray, skipped: list, left: int) -> None:
+        """Write a shard into a temporary folder, record it (rank 0: in the manifest; others: in their journal),
+        then rename it into place."""
+        name = _shard_name(shard)
         needed = _on_disk(self.folder, [values.nbytes + 128 for values in files.values()])  # + the .npy header
         rest = f" (and about {_size(needed * left)} for the {left} shard{'s' * (left > 1)} after it)" if left else ""
         tmp = _temp_path(self.folder / name)
+        records = self.manifest["shards"] if self.ranks.leads else self.journal["shards"]
         try:
             with _writing(self.folder, name, needed, rest):
                 tmp.mkdir()
                 for file, values in files.items():
                     _save_array(tmp / file, values)
-                manifest["shards"][name] = _record(tmp, ids)
-                _write_json(self.folder / "manifest.json", manifest)  # recorded before it appears: never unrecorded
+                records[name] = _record(tmp, ids)
+                if skipped:
+                    records[name]["skipped"] = [list(entry) for entry in skipped]
+                if self.ranks.leads:  # recorded before it appears: never unrecorded
+                    _write_json(self.folder / "manifest.json", self.manifest)
+                else:
+                    _write_json(self.folder / f"journal_rank{self.ranks.rank:05d}.json", self.journal)
                 os.replace(tmp, self.folder / name)
         except BaseException:
-            manifest["shards"].pop(name, None)
+            records.pop(name, None)
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+
+
+class _JobProgress:
+    """Rank 0's progress bar for the whole job: its own images batch by batch, the other ranks' shards as
+    their journals record them (re-read at most every second). Other ranks show no bar."""
+
+    def __init__(self, job: _Build, todo: list[int]):
+        self.folder, self.own, self.others, self.read_at = job.folder, 0, 0, 0.0
+        shown = job.progress and job.ranks.leads
+        if job.streamed:  # images per tar are known only once read: count images, name the shards
+            total, self.start = None, sum(job.manifest["shards"][_shard_name(s)]["rows"]
+                                          for s in range(job.n_shards) if s not in todo) if shown else 0
+            what = f"decomposing {len(todo)} of {job.n_shards} shards"
+        else:
+            total = len(job.selection)
+            self.start = total - sum(len(job.rows(s)) for s in todo)
+            what = "decomposing"
+        ranks = f" on {job.ranks.size} ranks" if job.ranks.size > 1 else ""
+        self.bar = tqdm(total=total, initial=self.start, unit="img", desc=what + ranks, disable=not shown)
+
+    def __enter__(self) -> "_JobProgress":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.bar.close()
+
+    def add(self, images: int) -> None:
+        self.own += images
+        self.refresh()
+
+    def refresh(self) -> None:
+        if self.bar.disable:
+            return
+        if time.monotonic() - self.read_at > 1.0:
+            self.read_at, self.others = time.monotonic(), 0
+            for path in self.folder.glob("journal_rank*.json"):
+                try:
+                    self.others += sum(r["rows"] for r in json.loads(path.read_text(encoding="utf-8"))["shards"].values())
+                except (OSError, ValueError, KeyError, TypeError, AttributeError):
+                    pass  # being replaced right now: read next time
+        self.bar.n = self.start + self.own + self.others
+        self.bar.refresh()

@@ -7,6 +7,10 @@ Three datasets share one small protocol (:class:`DecomposableDataset`) that
 * :class:`WaterbirdsDataset`: the Waterbirds release (``metadata.csv`` + images) of Sagawa et al.
 * :class:`ToyDataset`: samples of the synthetic toy world (:mod:`clipdecomp.toy`) with exact attributes.
 
+Tar shards in the webdataset format (LAION, DataComp, ...) are read as a stream instead, one shard
+after another, by :class:`TarShardDataset` (protocol :class:`ShardedDataset`); a cache built from
+them keeps one shard per tar file.
+
 Each knows, up front, its per-image ``ids`` and ``labels`` (a dict of int arrays), loads image ``i``
 with ``image(i)``, and describes its content with ``content_key()``, so a cache built from it can tell
 when the data changed. For image files the key holds the dataset kind, root, preprocessing, and a
@@ -35,7 +39,7 @@ import os
 import re
 import warnings
 from pathlib import Path
-from typing import Callable, Literal, Protocol, Sequence, runtime_checkable
+from typing import IO, Callable, Iterator, Literal, NamedTuple, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 import torch
@@ -45,7 +49,7 @@ from tqdm.auto import tqdm
 from .checks import check_int, check_texts_list, read_utf8
 
 __all__ = ["DecomposableDataset", "ImageFolderDataset", "WaterbirdsDataset", "ToyDataset", "load_rgb",
-           "describe_transform", "IMAGE_EXTENSIONS",
+           "describe_transform", "IMAGE_EXTENSIONS", "ShardedDataset", "TarShardDataset", "TarSample",
            "HOW_TO_GET_WATERBIRDS"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
@@ -87,9 +91,9 @@ class DecomposableDataset(Protocol):
         """A small JSON-able description that changes whenever the images or labels change."""
 
 
-def load_rgb(path: str | Path) -> Image.Image:
-    """Open an image file as 8-bit RGB: grayscale/palette/CMYK converted, 16-bit grayscale scaled
-    (65535 -> 255), transparency composited on white."""
+def load_rgb(path: str | Path | IO[bytes]) -> Image.Image:
+    """Open an image file (or an open binary file) as 8-bit RGB: grayscale/palette/CMYK converted, 16-bit
+    grayscale scaled (65535 -> 255), transparency composited on white."""
     with Image.open(path) as image:
         image.load()
         if image.mode.startswith("I"):  # 16/32-bit integer grayscale: map 16-bit range to 8 bits, not clip
@@ -407,3 +411,239 @@ class ToyDataset(torch.utils.data.Dataset):
         return {"kind": self.kind, "n_images": self.n, "seed": self.seed, "split": self.split,
                 "preprocess": describe_transform(self.preprocess),
                 "images_sha256": pixels, "labels_sha256": _labels_sha256(self.labels)}
+
+
+class TarSample(NamedTuple):
+    """One readable sample of a tar shard, as :meth:`TarShardDataset.samples` yields it."""
+
+    image: torch.Tensor
+    id: str  # "<shard name>/<__key__>"
+    index: int  # position of the sample in its shard, counting the samples that were skipped
+    labels: dict[str, int]
+    captions: dict[str, str]
+
+
+@runtime_checkable
+class ShardedDataset(Protocol):
+    """A dataset read as a stream of shards; :class:`~clipdecomp.cache.DecompositionCache` keeps one cache
+    shard per dataset shard, so ranks can split the work by shard without random access.
+
+    Attributes:
+        shard_names: one stable name per shard (in order).
+        label_names: the integer labels every sample has; caption_names: its texts.
+    """
+
+    shard_names: list[str]
+    label_names: list[str]
+    caption_names: list[str]
+
+    def samples(self, shard: int, skipped: list | None = None) -> Iterator[TarSample]:
+        """The readable samples of shard ``shard`` in order; ``(id, reason)`` of unreadable ones go to ``skipped``."""
+
+    def content_key(self) -> dict:
+        """A small JSON-able description that changes whenever a shard changes."""
+
+
+class TarShardDataset(torch.utils.data.IterableDataset):
+    """Webdataset tar shards (``data/{000000..000099}.tar``), streamed one shard at a time with ``webdataset``.
+
+    Args:
+        shards: a brace pattern such as ``"data/{000000..000099}.tar"`` (expanded the way webdataset
+            expands it) or a list of tar files. Local files only: their names, sizes and modification
+            times make the content key of a cache built from them.
+        preprocess: PIL image -> [3, H, W] tensor, e.g. ``bundle.preprocess``.
+        labels: sidecar keys holding one integer each, e.g. ``["cls"]`` (``000123.cls`` holds ``7``); each
+            becomes ``labels[key]``.
+        captions: sidecar keys holding UTF-8 text, e.g. ``["txt"]``; each becomes ``captions[key]``.
+        strict: raise on the first corrupt sample or unreadable tar instead of skipping it.
+
+    A sample is the run of tar members sharing a ``__key__`` (``000123.jpg``, ``000123.cls``, ...). Its
+    image is the member whose extension comes first in :data:`IMAGE_EXTENSIONS`; its id is
+    ``"<shard name>/<__key__>"`` (shard names are paths relative to the shards' common folder), so ids are
+    unique across shards and stable while the files are. Nothing is read up front (the files must
+    exist); while streaming, a sample that has no image, an image that does not decode, a missing or non-integer
+    label, a caption that is not UTF-8, a key repeated within a shard, and the unreadable rest of a
+    truncated tar are skipped, counted and named in one warning per pass (or, ``strict``, raised).
+
+    Iterating (``for sample in data``, or a DataLoader) yields :class:`TarSample` items shard after
+    shard; under ``torch.distributed`` and in DataLoader workers each rank and worker reads its own
+    shards (webdataset's ``split_by_node`` and ``split_by_worker``). The cache reads shard by shard
+    with :meth:`samples`.
+
+    Example::
+
+        data = TarShardDataset("laion/{00000..00009}.tar", bundle.preprocess, captions=["txt"])
+        cache = DecompositionCache.build(bundle, data, "caches/laion10")   # one cache shard per tar
+        cache.captions["txt"][:2], cache.ids[:2]     # (['a dog on a beach', ...], ['00000.tar/000000017', ...])
+    """
+
+    kind = "wds"
+
+    def __init__(self, shards: str | Sequence[str | Path], preprocess: Callable[[Image.Image], torch.Tensor], *,
+                 labels: Sequence[str] = (), captions: Sequence[str] = (), strict: bool = False):
+        from webdataset.shardlists import expand_urls
+
+        if not callable(preprocess):
+            raise TypeError(f"preprocess must turn a PIL image into a tensor (e.g. bundle.preprocess), got "
+                            f"{preprocess!r}.")
+        if not isinstance(strict, bool):
+            raise TypeError(f"strict must be True or False, got {strict!r}.")
+        if isinstance(shards, (str, os.PathLike)):
+            names = expand_urls(os.fspath(shards))
+        elif isinstance(shards, Sequence) and not isinstance(shards, bytes):
+            names = [os.fspath(name) for name in shards]
+        else:
+            raise TypeError(f"shards must be a brace pattern such as 'data/{{000000..000009}}.tar' or a list of tar "
+                            f"files, got {type(shards).__name__}.")
+        if not names:
+            raise ValueError("shards names no tar files: give a pattern such as 'data/{000000..000009}.tar'.")
+        self.label_names = self._check_keys("labels", labels)
+        self.caption_names = self._check_keys("captions", captions)
+        if set(self.label_names) & set(self.caption_names):
+            raise ValueError(f"{sorted(set(self.label_names) & set(self.caption_names))} is listed both as a label "
+                             "and as a caption key: a sidecar file is one or the other.")
+        self.paths = [Path(name).expanduser().resolve() for name in names]
+        for name, path in zip(names, self.paths):
+            if "://" in name or name.startswith("pipe:"):
+                raise ValueError(f"{name}: only local tar files can be read (their sizes and times key the cache); "
+                                 "copy the shards to a local or mounted folder.")
+            if not path.exists():
+                raise FileNotFoundError(f"Tar shard {path} does not exist (from {shards!r}); check the folder and "
+                                        "the brace range, e.g. 'data/{000000..000009}.tar'.")
+            if not path.is_file():
+                raise IsADirectoryError(f"{path} is a folder, not a tar shard: give the .tar files themselves, e.g. "
+                                        f"'{path}/{{000000..000009}}.tar'.")
+        if len(set(self.paths)) != len(self.paths):
+            raise ValueError("shards lists the same tar file twice; each shard must appear once.")
+        self.root = Path(os.path.commonpath([path.parent for path in self.paths]))
+        self.shard_names = [path.relative_to(self.root).as_posix() for path in self.paths]
+        self.preprocess, self.strict = preprocess, strict
+
+    @staticmethod
+    def _check_keys(what: str, keys: Sequence[str]) -> list[str]:
+        keys = check_texts_list(what, keys) if keys else []
+        for key in keys:
+            if not re.fullmatch(r"[\w][\w.-]*", key) or key.startswith("__"):
+                raise ValueError(f"{what} key {key!r} is not a sidecar extension (e.g. 'cls', 'txt', 'json').")
+        if len(set(keys)) != len(keys):
+            raise ValueError(f"{what} lists a key twice: {keys}.")
+        return [key.lower() for key in keys]  # webdataset lower-cases extensions
+
+    def __repr__(self) -> str:
+        return f"TarShardDataset({self.root}, {len(self.paths)} shards, labels={self.label_names})"
+
+    def samples(self, shard: int, skipped: list | None = None) -> Iterator[TarSample]:
+        """Stream the readable samples of shard ``shard`` in tar order, decoded and preprocessed.
+
+        ``(id, reason)`` of every skipped sample is appended to ``skipped``; without a list they are
+        named in one warning when the shard ends. ``strict`` raises instead, naming the sample.
+        """
+        import webdataset
+
+        shard = check_int("shard", shard, minimum=0)
+        if shard >= len(self.paths):
+            raise IndexError(f"shard {shard} out of range for {len(self.paths)} shards.")
+        name, path = self.shard_names[shard], self.paths[shard]
+        problems: list[tuple[str, str]] = [] if skipped is None else skipped
+        tar_errors: list[Exception] = []
+
+        def keep_going(error: Exception) -> bool:  # webdataset's handler: note the error, read on
+            tar_errors.append(error)
+            return True
+
+        handler = webdataset.reraise_exception if self.strict else keep_going
+        stream = iter(webdataset.tarfile_samples([{"url": str(path)}], handler=handler))
+        seen: set[str] = set()
+        index = -1
+        while True:
+            try:
+                sample = next(stream)
+            except StopIteration:
+                break
+            except Exception as error:  # strict: the tar itself is unreadable (truncated, not a tar, ...)
+                raise ValueError(f"Cannot read tar shard {path} after {index + 1} samples ({_first_line(error)}). "
+                                 "Replace the shard, or pass strict=False to keep the samples before the damage.") from error
+            index += 1
+            sample_id = f"{name}/{sample['__key__']}"
+            reason = "its key repeats an earlier sample of the shard" if sample_id in seen else None
+            seen.add(sample_id)
+            if reason is None:
+                try:
+                    picture, labels, captions = self._read(sample)
+                except _CorruptSample as problem:
+                    reason = str(problem)
+            if reason is not None:
+                if self.strict:
+                    raise ValueError(f"Sample {sample_id} of {path} is corrupt: {reason}. Replace the shard, or pass "
+                                     "strict=False to skip corrupt samples.")
+                problems.append((sample_id, reason))
+                continue
+            yield TarSample(self.preprocess(picture), sample_id, index, labels, captions)
+        for error in tar_errors:
+            problems.append((f"{name}/(after sample {index + 1})", f"the tar is unreadable from here ({_first_line(error)})"))
+        if skipped is None:
+            _warn_skipped(problems, f"tar shard {path}")
+
+    def _read(self, sample: dict) -> tuple[Image.Image, dict[str, int], dict[str, str]]:
+        files = sorted(key for key in sample if not key.startswith("__"))
+        images = [ext for ext in (e[1:] for e in IMAGE_EXTENSIONS) if ext in sample]
+        if not images:
+            raise _CorruptSample(f"it has no image (its files: {', '.join('.' + k for k in files) or 'none'}; images "
+                                 f"end in {', '.join(IMAGE_EXTENSIONS)})")
+        try:
+            picture = load_rgb(io.BytesIO(sample[images[0]]))
+        except Exception as error:  # PIL raises many types for bad files; the message is what matters
+            member = f"{sample['__key__']}.{images[0]}"  # not "<_io.BytesIO object at 0x...>": reasons are stored
+            reason = re.sub(r"<[^<>]* at 0x[0-9a-fA-F]+>", member, f"{type(error).__name__}: {error}")
+            raise _CorruptSample(f"its .{images[0]} does not decode ({reason})") from None
+        labels, captions = {}, {}
+        for key in self.label_names + self.caption_names:
+            if key not in sample:
+                raise _CorruptSample(f"it has no .{key} file (its files: {', '.join('.' + k for k in files)})")
+            try:
+                text = sample[key].decode("utf-8")
+            except UnicodeDecodeError:
+                raise _CorruptSample(f"its .{key} is not UTF-8 text") from None
+            if key in self.caption_names:
+                captions[key] = text.strip()
+                continue
+            try:
+                labels[key] = int(text.strip())
+            except ValueError:
+                raise _CorruptSample(f"its .{key} holds {text.strip()[:40]!r}, not an integer label") from None
+        return picture, labels, captions
+
+    def __iter__(self) -> Iterator[TarSample]:
+        from webdataset import split_by_node, split_by_worker
+
+        skipped: list[tuple[str, str]] = []
+        for shard in split_by_worker(split_by_node(range(len(self.paths)))):
+            yield from self.samples(shard, skipped)
+        _warn_skipped(skipped, f"the tar shards under {self.root}")
+
+    def content_key(self) -> dict:
+        digest = hashlib.sha256()
+        for name, path in zip(self.shard_names, self.paths):
+            stat = os.stat(path)
+            digest.update(f"{name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+        return {"kind": self.kind, "root": str(self.root), "n_shards": len(self.paths),
+                "first_shard": self.shard_names[0], "last_shard": self.shard_names[-1],
+                "shards_sha256": digest.hexdigest(), "preprocess": describe_transform(self.preprocess),
+                "labels": self.label_names, "captions": self.caption_names, "strict": self.strict}
+
+
+class _CorruptSample(Exception):
+    """Why a sample of a tar shard cannot be used (its message)."""
+
+
+def _first_line(error: Exception) -> str:
+    """``"ReadError: unexpected end of data"``: webdataset appends the stream and url to an error's args."""
+    text = str(error.args[0]) if error.args else str(error)
+    return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+def _warn_skipped(skipped: Sequence[tuple[str, str]], where: str) -> None:
+    if skipped:
+        named = "; ".join(f"{sample_id} ({reason})" for sample_id, reason in skipped[:5])
+        warnings.warn(f"Skipped {len(skipped)} corrupt sample(s) in {where}: {named}"
+                      f"{' ...' if len(skipped) > 5 else ''}. Pass strict=True to make this an error.", stacklevel=3)
