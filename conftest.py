@@ -4,6 +4,7 @@ Examples may use ``clipdecomp``, ``torch``, ``np``, ``bundle`` (``clipdecomp.loa
 (a preprocessed batch of 4 toy images), ``parts`` (their decomposition with head detail) and ``tmp_path``
 (a fresh folder).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -21,5 +22,12 @@ def _doctest_names(request, doctest_namespace, tmp_path):
     torch.manual_seed(0)
     bundle = clipdecomp.load("toy")
     images = bundle.preprocess_batch(toy.sample(4, seed=1, split="uniform").images)
-    doctest_namespace.update(clipdecomp=clipdecomp, torch=torch, np=np, bundle=bundle, images=images,
-                             parts=clipdecomp.decompose(bundle, images), tmp_path=tmp_path)
+    doctest_namespace.update(
+        clipdecomp=clipdecomp,
+        torch=torch,
+        np=np,
+        bundle=bundle,
+        images=images,
+        parts=clipdecomp.decompose(bundle, images),
+        tmp_path=tmp_path,
+    )

@@ -1,13 +1,13 @@
 """Shared fixtures: small random-init models built once per test session, and the built book."""
+
 from __future__ import annotations
 
 from pathlib import Path
 
+import clipdecomp
 import open_clip
 import pytest
 import torch
-
-import clipdecomp
 
 
 def tiny_clip(**vision_overrides) -> torch.nn.Module:

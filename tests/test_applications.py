@@ -1,18 +1,21 @@
 """Spatial maps, head retrieval and spurious-cue helpers against plain calculations and known answers."""
+
 from __future__ import annotations
 
+import clipdecomp
 import pytest
 import torch
-
-import clipdecomp
 from clipdecomp import retrieval, spatial, spurious
+
 from conftest import tiny_clip
 
 
 @pytest.fixture(scope="module")
 def spatial_parts():
     model = tiny_clip()
-    return clipdecomp.decompose(model, torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(5)), spatial=True)
+    return clipdecomp.decompose(
+        model, torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(5)), spatial=True
+    )
 
 
 def test_patch_scores_sum_to_the_head_projection(spatial_parts):
@@ -20,7 +23,9 @@ def test_patch_scores_sum_to_the_head_projection(spatial_parts):
     grid = spatial.patch_scores(spatial_parts, direction)
     assert grid.shape == (3, 4, 4)
     cls = spatial_parts.heads[:, :, 0].sum((1, 2)) @ direction
-    torch.testing.assert_close(grid.sum((1, 2)) + cls, spatial_parts.attns.sum(1) @ direction, atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        grid.sum((1, 2)) + cls, spatial_parts.attns.sum(1) @ direction, atol=1e-6, rtol=0
+    )
     one = spatial.joint_map(spatial_parts, 2, 1, direction)
     torch.testing.assert_close(one.flatten(1), spatial_parts.heads[:, 2, 1:, 1] @ direction)
 
@@ -64,7 +69,9 @@ def test_rank_heads_by_concept_finds_the_planted_head():
 
 def test_choose_head_count_uses_validation_scores_and_random_sets():
     ranked = [(0, 1), (0, 2), (1, 0)]
-    best, scores = spurious.choose_head_count(ranked, lambda heads: {0: 0.4, 1: 0.7, 2: 0.7, 3: 0.5}[len(heads)], [0, 1, 2, 3])
+    best, scores = spurious.choose_head_count(
+        ranked, lambda heads: {0: 0.4, 1: 0.7, 2: 0.7, 3: 0.5}[len(heads)], [0, 1, 2, 3]
+    )
     assert best == 1 and scores[3] == 0.5
     sets = spurious.random_head_sets(ranked, 2, trials=4, seed=1)
     assert len(sets) == 4 and all(len(set(s)) == 2 for s in sets)

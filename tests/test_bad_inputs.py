@@ -3,6 +3,7 @@ clamped, defaulted or ignored), and every wrapped error names its real cause.
 
 The table of all bad inputs and faults the tests cover is tests/README.md; the last test here checks
 it against the real test names, so it cannot drift."""
+
 from __future__ import annotations
 
 import ast
@@ -32,7 +33,9 @@ from test_datasets import make_folder, make_waterbirds, save_image
 
 torch.set_num_threads(1)
 TESTS = Path(__file__).resolve().parent
-NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message for a machine without a CUDA GPU")
+NO_GPU = pytest.mark.skipif(
+    torch.cuda.is_available(), reason="checks the message for a machine without a CUDA GPU"
+)
 
 
 def cli_error(capsys, args: list[str]) -> str:
@@ -46,43 +49,79 @@ def cli_error(capsys, args: list[str]) -> str:
 
 # --- the CLI: numbers, ranges, devices and options that would be ignored -----------------------------------
 
-@pytest.mark.parametrize("option, match", [
-    (["--n", "0"], r"--n: expected an integer >= 1, got 0"),
-    (["--n", "2.5"], r"--n: expected an integer >= 1, got '2.5'"),
-    (["--batch-size", "0"], r"--batch-size: expected an integer >= 1"),
-    (["--batch-size", "1e3"], r"--batch-size: expected an integer >= 1, got '1e3'"),
-    (["--shard-size", "-4"], r"--shard-size: expected an integer >= 1, got -4"),
-    (["--workers", "-1"], r"--workers: expected an integer >= 0"),
-    (["--threads", "0"], r"--threads: expected an integer >= 1"),
-    (["--seed", "-1"], r"--seed: expected an integer >= 0"),
-    (["--layers", "3:3"], r"--layers '3:3'.*the range is empty"),
-    (["--layers", "5:2"], r"--layers '5:2'.*the range is empty"),
-    (["--layers=-2:2"], r"counts either from the end.*or from the start"),
-    (["--layers", "4:"], r"an open range needs a negative start"),
-    (["--layers", ""], r"--layers ''"),
-    (["--layers", "1,,2"], r"an item of the list is empty"),
-    (["--layers", "1,1"], r"a layer is listed twice"),
-    (["--layers", "1.5"], r"--layers '1\.5'"),
-    (["--dtype", "float64"], r"--dtype: invalid choice: 'float64'"),
-    (["--patch-detail", "pixel"], r"--patch-detail: invalid choice"),
-    (["--split", "testing"], r"--split: invalid choice"),
-    (["--bogus", "1"], r"unrecognized arguments: --bogus"),
-], ids=["n-zero", "n-float", "batch-zero", "batch-exponent", "shard-negative", "workers-negative", "threads-zero",
-        "seed-negative", "layers-empty-range", "layers-reversed", "layers-mixed-signs", "layers-open-positive",
-        "layers-blank", "layers-empty-item", "layers-repeated", "layers-float", "dtype-unknown", "patch-detail-unknown",
-        "split-unknown", "unknown-option"])
+
+@pytest.mark.parametrize(
+    "option, match",
+    [
+        (["--n", "0"], r"--n: expected an integer >= 1, got 0"),
+        (["--n", "2.5"], r"--n: expected an integer >= 1, got '2.5'"),
+        (["--batch-size", "0"], r"--batch-size: expected an integer >= 1"),
+        (["--batch-size", "1e3"], r"--batch-size: expected an integer >= 1, got '1e3'"),
+        (["--shard-size", "-4"], r"--shard-size: expected an integer >= 1, got -4"),
+        (["--workers", "-1"], r"--workers: expected an integer >= 0"),
+        (["--threads", "0"], r"--threads: expected an integer >= 1"),
+        (["--seed", "-1"], r"--seed: expected an integer >= 0"),
+        (["--layers", "3:3"], r"--layers '3:3'.*the range is empty"),
+        (["--layers", "5:2"], r"--layers '5:2'.*the range is empty"),
+        (["--layers=-2:2"], r"counts either from the end.*or from the start"),
+        (["--layers", "4:"], r"an open range needs a negative start"),
+        (["--layers", ""], r"--layers ''"),
+        (["--layers", "1,,2"], r"an item of the list is empty"),
+        (["--layers", "1,1"], r"a layer is listed twice"),
+        (["--layers", "1.5"], r"--layers '1\.5'"),
+        (["--dtype", "float64"], r"--dtype: invalid choice: 'float64'"),
+        (["--patch-detail", "pixel"], r"--patch-detail: invalid choice"),
+        (["--split", "testing"], r"--split: invalid choice"),
+        (["--bogus", "1"], r"unrecognized arguments: --bogus"),
+    ],
+    ids=[
+        "n-zero",
+        "n-float",
+        "batch-zero",
+        "batch-exponent",
+        "shard-negative",
+        "workers-negative",
+        "threads-zero",
+        "seed-negative",
+        "layers-empty-range",
+        "layers-reversed",
+        "layers-mixed-signs",
+        "layers-open-positive",
+        "layers-blank",
+        "layers-empty-item",
+        "layers-repeated",
+        "layers-float",
+        "dtype-unknown",
+        "patch-detail-unknown",
+        "split-unknown",
+        "unknown-option",
+    ],
+)
 def test_cli_refuses_bad_numbers_ranges_and_options(tmp_path, capsys, option, match):
-    args = ["decompose", "--model", "toy", "--data", "toy", "--out", str(tmp_path / "c"), "--no-progress", *option]
+    args = [
+        "decompose",
+        "--model",
+        "toy",
+        "--data",
+        "toy",
+        "--out",
+        str(tmp_path / "c"),
+        "--no-progress",
+        *option,
+    ]
     assert re.search(match, cli_error(capsys, args))
     assert not (tmp_path / "c").exists()
 
 
-@pytest.mark.parametrize("device, match", [
-    pytest.param("gpu", r"--device 'gpu' is not a device name: use auto, cpu, cuda", id="gpu"),
-    pytest.param("cuda", r"--device cuda: torch sees no CUDA GPU", marks=NO_GPU, id="cuda"),
-    pytest.param("cuda:7", r"--device cuda:7: torch sees no CUDA GPU", marks=NO_GPU, id="cuda-index"),
-    pytest.param("meta", r"--device meta: clipdecomp runs on cpu, cuda or mps", id="meta"),
-])
+@pytest.mark.parametrize(
+    "device, match",
+    [
+        pytest.param("gpu", r"--device 'gpu' is not a device name: use auto, cpu, cuda", id="gpu"),
+        pytest.param("cuda", r"--device cuda: torch sees no CUDA GPU", marks=NO_GPU, id="cuda"),
+        pytest.param("cuda:7", r"--device cuda:7: torch sees no CUDA GPU", marks=NO_GPU, id="cuda-index"),
+        pytest.param("meta", r"--device meta: clipdecomp runs on cpu, cuda or mps", id="meta"),
+    ],
+)
 def test_cli_refuses_devices_this_machine_lacks(tmp_path, capsys, device, match):
     args = ["decompose", "--model", "toy", "--data", "toy", "--out", str(tmp_path / "c"), "--device", device]
     assert re.search(match, cli_error(capsys, args))
@@ -91,9 +130,12 @@ def test_cli_refuses_devices_this_machine_lacks(tmp_path, capsys, device, match)
 
 def test_cli_refuses_options_that_would_be_ignored_or_clamped(tmp_path, capsys):
     base = ["decompose", "--model", "toy", "--out", str(tmp_path / "c"), "--no-progress"]
-    assert "--split applies to waterbirds data only" in cli_error(capsys, base + ["--data", "toy", "--split", "val"])
+    assert "--split applies to waterbirds data only" in cli_error(
+        capsys, base + ["--data", "toy", "--split", "val"]
+    )
     assert "--patch-detail applies only with --texts" in cli_error(
-        capsys, base + ["--data", "toy", "--n", "2", "--patch-detail", "head"])
+        capsys, base + ["--data", "toy", "--n", "2", "--patch-detail", "head"]
+    )
     root = make_folder(tmp_path / "val", {"a": ["1.png", "2.png"], "b": ["3.png"]})
     err = cli_error(capsys, base + ["--data", f"imagefolder:{root}", "--n", "5"])
     assert "--n 5: the dataset" in err and "has only 3 images" in err  # not silently "all 3"
@@ -103,42 +145,77 @@ def test_cli_refuses_options_that_would_be_ignored_or_clamped(tmp_path, capsys):
 def test_cli_texts_file_that_is_not_utf8_names_the_line(tmp_path, capsys):
     texts = tmp_path / "texts.txt"
     texts.write_bytes("a red square\nun carr\xe9 bleu\n".encode("latin-1"))
-    err = cli_error(capsys, ["decompose", "--model", "toy", "--data", "toy", "--texts", str(texts), "--out",
-                             str(tmp_path / "c")])
+    err = cli_error(
+        capsys,
+        ["decompose", "--model", "toy", "--data", "toy", "--texts", str(texts), "--out", str(tmp_path / "c")],
+    )
     assert f"{texts} is not UTF-8: line 2, column 8 holds the byte 0xe9" in err
     assert not (tmp_path / "c").exists()
 
 
 # --- the library: the same rules for every public function -------------------------------------------------
 
-@pytest.mark.parametrize("kwargs, error, match", [
-    (dict(batch_size=0), ValueError, r"batch_size must be an integer >= 1, got 0"),
-    (dict(batch_size=2.0), TypeError, r"batch_size must be an integer >= 1, got 2\.0 \(float\)"),
-    (dict(batch_size=True), TypeError, r"batch_size must be an integer >= 1, got True \(bool\)"),
-    (dict(shard_size=0), ValueError, r"shard_size must be an integer >= 1"),
-    (dict(num_workers=-1), ValueError, r"num_workers must be an integer >= 0"),
-    (dict(dtype="fp16"), ValueError, r"dtype must be one of 'float16', 'float32'; got 'fp16'"),
-    (dict(layers=[1.5]), TypeError, r"layers must be integer layer indices, got \[1\.5\]"),
-    (dict(layers=[True]), TypeError, r"layers must be integer layer indices, got \[True\]"),
-    (dict(layers="12"), TypeError, r"layers must be a list of layer indices"),
-    (dict(layers=[2, -1]), ValueError, r"layers \[2, -1\] name a layer more than once"),
-    (dict(layers=[3]), IndexError, r"layers \[3\] out of range: the model has 3 layers"),
-    (dict(indices=[0.0, 1.0]), TypeError, r"indices must be integers"),
-    (dict(indices=[True, False]), TypeError, r"indices must be integers"),
-    (dict(indices=[]), ValueError, r"indices must be a non-empty"),
-    (dict(indices="01"), TypeError, r"indices must be a list of dataset positions"),
-    (dict(indices=[1, 1]), ValueError, r"indices must be distinct positions in 0\.\.3"),
-    (dict(patch_detail="head"), ValueError, r"patch_detail only applies to per-patch maps"),
-    (dict(patch_detail="pixel", text_directions=torch.randn(2, 24)), ValueError, r"patch_detail must be one of"),
-    (dict(text_directions=torch.randn(2, 24), text_labels="ab"), TypeError, r"text_labels must be a list of strings"),
-    (dict(progress="yes"), TypeError, r"progress must be True or False"),
-], ids=["batch-zero", "batch-float", "batch-bool", "shard-zero", "workers-negative", "dtype-unknown", "layers-float",
-        "layers-bool", "layers-string", "layers-repeated", "layers-out-of-range", "indices-float", "indices-bool",
-        "indices-empty", "indices-string", "indices-repeated", "patch-detail-without-texts", "patch-detail-unknown",
-        "labels-string", "progress-string"])
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(batch_size=0), ValueError, r"batch_size must be an integer >= 1, got 0"),
+        (dict(batch_size=2.0), TypeError, r"batch_size must be an integer >= 1, got 2\.0 \(float\)"),
+        (dict(batch_size=True), TypeError, r"batch_size must be an integer >= 1, got True \(bool\)"),
+        (dict(shard_size=0), ValueError, r"shard_size must be an integer >= 1"),
+        (dict(num_workers=-1), ValueError, r"num_workers must be an integer >= 0"),
+        (dict(dtype="fp16"), ValueError, r"dtype must be one of 'float16', 'float32'; got 'fp16'"),
+        (dict(layers=[1.5]), TypeError, r"layers must be integer layer indices, got \[1\.5\]"),
+        (dict(layers=[True]), TypeError, r"layers must be integer layer indices, got \[True\]"),
+        (dict(layers="12"), TypeError, r"layers must be a list of layer indices"),
+        (dict(layers=[2, -1]), ValueError, r"layers \[2, -1\] name a layer more than once"),
+        (dict(layers=[3]), IndexError, r"layers \[3\] out of range: the model has 3 layers"),
+        (dict(indices=[0.0, 1.0]), TypeError, r"indices must be integers"),
+        (dict(indices=[True, False]), TypeError, r"indices must be integers"),
+        (dict(indices=[]), ValueError, r"indices must be a non-empty"),
+        (dict(indices="01"), TypeError, r"indices must be a list of dataset positions"),
+        (dict(indices=[1, 1]), ValueError, r"indices must be distinct positions in 0\.\.3"),
+        (dict(patch_detail="head"), ValueError, r"patch_detail only applies to per-patch maps"),
+        (
+            dict(patch_detail="pixel", text_directions=torch.randn(2, 24)),
+            ValueError,
+            r"patch_detail must be one of",
+        ),
+        (
+            dict(text_directions=torch.randn(2, 24), text_labels="ab"),
+            TypeError,
+            r"text_labels must be a list of strings",
+        ),
+        (dict(progress="yes"), TypeError, r"progress must be True or False"),
+    ],
+    ids=[
+        "batch-zero",
+        "batch-float",
+        "batch-bool",
+        "shard-zero",
+        "workers-negative",
+        "dtype-unknown",
+        "layers-float",
+        "layers-bool",
+        "layers-string",
+        "layers-repeated",
+        "layers-out-of-range",
+        "indices-float",
+        "indices-bool",
+        "indices-empty",
+        "indices-string",
+        "indices-repeated",
+        "patch-detail-without-texts",
+        "patch-detail-unknown",
+        "labels-string",
+        "progress-string",
+    ],
+)
 def test_build_refuses_wrong_types_and_ranges_before_writing(tmp_path, kwargs, error, match):
     with pytest.raises(error, match=match):
-        DecompositionCache.build(tiny_bundle(), ToyDataset(4, preprocess=PREPROCESS), tmp_path / "c", **kwargs)
+        DecompositionCache.build(
+            tiny_bundle(), ToyDataset(4, preprocess=PREPROCESS), tmp_path / "c", **kwargs
+        )
     assert not (tmp_path / "c").exists()
 
 
@@ -152,11 +229,17 @@ def test_build_refuses_wrong_dataset_and_folder_types(tmp_path):
 
 def test_decompose_refuses_layers_that_are_not_integers():
     bundle, images = tiny_bundle(), torch.zeros(1, 3, 32, 32)
-    for layers, match in (([1.0], "integer layer indices"), ([False], "integer layer indices"),
-                          ("2", "list of layer indices")):
+    for layers, match in (
+        ([1.0], "integer layer indices"),
+        ([False], "integer layer indices"),
+        ("2", "list of layer indices"),
+    ):
         with pytest.raises(TypeError, match=match):
             clipdecomp.decompose(bundle, images, layers=layers)
-    assert clipdecomp.decompose(bundle, images, layers=[np.int64(2), -2]).head_layers == (1, 2)  # numpy ints are fine
+    assert clipdecomp.decompose(bundle, images, layers=[np.int64(2), -2]).head_layers == (
+        1,
+        2,
+    )  # numpy ints are fine
 
 
 def test_sharded_array_refuses_bool_rows_and_bad_chunk_sizes():
@@ -168,15 +251,23 @@ def test_sharded_array_refuses_bool_rows_and_bad_chunk_sizes():
             list(array.chunks(rows))
 
 
-@pytest.mark.parametrize("kwargs, error, match", [
-    (dict(n=2.5), TypeError, r"n must be an integer >= 1, got 2\.5"),
-    (dict(n=True), TypeError, r"n must be an integer >= 1, got True"),
-    (dict(n=0), ValueError, r"n must be an integer >= 1, got 0"),
-    (dict(n=4, seed=-1), ValueError, r"seed must be an integer >= 0"),
-    (dict(n=4, seed=1.5), TypeError, r"seed must be an integer >= 0"),
-    (dict(n=4, split="test"), ValueError, r"split must be one of 'train', 'val', 'uniform', 'test_groups'"),
-    (dict(n=4, masks="yes"), TypeError, r"masks must be True or False"),
-], ids=["n-float", "n-bool", "n-zero", "seed-negative", "seed-float", "split-unknown", "masks-string"])
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(n=2.5), TypeError, r"n must be an integer >= 1, got 2\.5"),
+        (dict(n=True), TypeError, r"n must be an integer >= 1, got True"),
+        (dict(n=0), ValueError, r"n must be an integer >= 1, got 0"),
+        (dict(n=4, seed=-1), ValueError, r"seed must be an integer >= 0"),
+        (dict(n=4, seed=1.5), TypeError, r"seed must be an integer >= 0"),
+        (
+            dict(n=4, split="test"),
+            ValueError,
+            r"split must be one of 'train', 'val', 'uniform', 'test_groups'",
+        ),
+        (dict(n=4, masks="yes"), TypeError, r"masks must be True or False"),
+    ],
+    ids=["n-float", "n-bool", "n-zero", "seed-negative", "seed-float", "split-unknown", "masks-string"],
+)
 def test_toy_dataset_refuses_wrong_counts_seeds_and_splits(kwargs, error, match):
     with pytest.raises(error, match=match):
         ToyDataset(preprocess=PREPROCESS, **kwargs)
@@ -195,15 +286,18 @@ def test_file_datasets_refuse_wrong_argument_types(tmp_path):
 
 
 def test_random_directions_refuse_floats_bools_and_negative_seeds():
-    for kwargs, error, match in ((dict(n=2.0, dim=4), TypeError, "n must be an integer"),
-                                 (dict(n=3, dim=True), TypeError, "dim must be an integer"),
-                                 (dict(n=3, dim=0), ValueError, "dim must be an integer >= 1"),
-                                 (dict(n=3, dim=4, seed=-2), ValueError, "seed must be an integer >= 0")):
+    for kwargs, error, match in (
+        (dict(n=2.0, dim=4), TypeError, "n must be an integer"),
+        (dict(n=3, dim=True), TypeError, "dim must be an integer"),
+        (dict(n=3, dim=0), ValueError, "dim must be an integer >= 1"),
+        (dict(n=3, dim=4, seed=-2), ValueError, "seed must be an integer >= 0"),
+    ):
         with pytest.raises(error, match=match):
             random_directions(**kwargs)
 
 
 # --- the book runner: selections and dataset locations --------------------------------------------------
+
 
 def test_runner_only_selection_is_checked_not_read_as_all_or_nothing(tmp_path):
     entries = toc_notebooks(repo_root())
@@ -213,19 +307,25 @@ def test_runner_only_selection_is_checked_not_read_as_all_or_nothing(tmp_path):
         select_chapters(entries, [])
     with pytest.raises(ValueError, match=r"only=\[''\] selects no chapter"):
         select_chapters(entries, [""])
-    with pytest.raises(ValueError, match=r"\['99_nothing'\] match no chapter; the chapters are \[.*02_layer_ablations"):
+    with pytest.raises(
+        ValueError, match=r"\['99_nothing'\] match no chapter; the chapters are \[.*02_layer_ablations"
+    ):
         select_chapters(entries, ["02_", "99_nothing"])
     with pytest.raises(TypeError, match="only must be a list of strings"):
         select_chapters(entries, "02_")  # would otherwise match the characters '0', '2' and '_'
     with pytest.raises(ValueError, match="match no chapter"):
-        execute_notebooks("ci", only=["notebooks"], staging=tmp_path / "src")  # names, not folders, are matched
+        execute_notebooks(
+            "ci", only=["notebooks"], staging=tmp_path / "src"
+        )  # names, not folders, are matched
     assert not (tmp_path / "src").exists()
 
 
 def test_book_cli_refuses_empty_and_unknown_selections(capsys):
-    for args, match in ((["execute", "--only"], "expected at least one argument"),
-                        (["execute", "--only", "zz_"], r"zz_.*match no chapter"),
-                        (["execute", "--profile", "fast"], "invalid choice: 'fast'")):
+    for args, match in (
+        (["execute", "--only"], "expected at least one argument"),
+        (["execute", "--only", "zz_"], r"zz_.*match no chapter"),
+        (["execute", "--profile", "fast"], "invalid choice: 'fast'"),
+    ):
         with pytest.raises(SystemExit) as exit_info:
             book_main(args)
         err = capsys.readouterr().err
@@ -242,13 +342,16 @@ def test_paper_profile_checks_the_kind_of_each_dataset_location(tmp_path, monkey
     with pytest.raises(FileNotFoundError) as info:
         execute_notebooks("paper", staging=tmp_path / "src")
     message = str(info.value)
-    assert "CLIPDECOMP_IMAGENET_VAL points to" in message and "val.tar, which is a file, not a folder" in message
+    assert (
+        "CLIPDECOMP_IMAGENET_VAL points to" in message and "val.tar, which is a file, not a folder" in message
+    )
     assert "waterbirds, which holds no metadata.csv" in message
     assert "seg, which is a folder, not a file" in message
     assert not (tmp_path / "src").exists(), "caught before anything runs or is staged"
 
 
 # --- messages name the real cause -----------------------------------------------------------------------
+
 
 @NO_GPU
 def test_missing_gpu_is_named_not_blamed_on_the_weights():
@@ -272,7 +375,9 @@ def test_missing_checkpoint_is_named_not_an_unknown_tag(tmp_path):
     for spec in (f"ViT-B-32/{tmp_path / 'missing.safetensors'}", "ViT-B-32/missing.safetensors"):
         with pytest.raises(FileNotFoundError, match=r"Checkpoint .*missing\.safetensors does not exist"):
             clipdecomp.load(spec)
-    with pytest.raises(ValueError, match="Unknown pretrained tag"):  # a real tag-like name still gets the tag list
+    with pytest.raises(
+        ValueError, match="Unknown pretrained tag"
+    ):  # a real tag-like name still gets the tag list
         clipdecomp.load("ViT-B-32/not_a_tag")
 
 
@@ -311,7 +416,9 @@ def test_folder_whose_images_are_all_unreadable_is_named(tmp_path):
 def test_text_pool_that_is_not_utf8_names_file_and_line(tmp_path):
     pool = tmp_path / "pool.txt"
     pool.write_bytes(b"a cat\na dog\nan \xff\xfe owl\n")
-    with pytest.raises(ValueError, match=r"text pool .*pool\.txt is not UTF-8: line 3, column 4 holds the byte 0xff"):
+    with pytest.raises(
+        ValueError, match=r"text pool .*pool\.txt is not UTF-8: line 3, column 4 holds the byte 0xff"
+    ):
         load_pool(pool)
     with pytest.raises(IsADirectoryError, match="is a folder"):
         load_pool(tmp_path)
@@ -323,7 +430,11 @@ def test_text_pool_that_is_not_utf8_names_file_and_line(tmp_path):
 def test_waterbirds_metadata_cannot_reach_files_outside_the_root(tmp_path, name):
     save_image(tmp_path / "secret.jpg", 7)
     root = make_waterbirds(tmp_path / "wb", [("001.A/a.jpg", 1, 2, 0), ("001.A/b.jpg", 0, 2, 1)])
-    outside = {"parent": "../secret.jpg", "absolute": str(tmp_path / "secret.jpg"), "symlink": "001.A/link.jpg"}[name]
+    outside = {
+        "parent": "../secret.jpg",
+        "absolute": str(tmp_path / "secret.jpg"),
+        "symlink": "001.A/link.jpg",
+    }[name]
     if name == "symlink":
         os.symlink(tmp_path / "secret.jpg", root / "001.A" / "link.jpg")
     metadata = (root / "metadata.csv").read_text()
@@ -345,8 +456,9 @@ def test_waterbirds_metadata_not_utf8_or_repeated_is_named(tmp_path):
 
 # --- the record: tests/README.md lists every case and names a real test ---------------------------------
 
+
 def _test_ids(path: Path) -> dict[str, set[str] | None]:
-    """Test functions of a file -> their parametrize ids (None when not parametrized), read from the source."""
+    """Test functions of a file -> their parametrize ids (None when not parametrized), from the source."""
     found: dict[str, set[str] | None] = {}
     for node in ast.parse(path.read_text()).body:
         if not isinstance(node, ast.FunctionDef) or not node.name.startswith("test_"):
@@ -371,19 +483,27 @@ def _test_ids(path: Path) -> dict[str, set[str] | None]:
 def test_fault_table_lists_real_tests_and_every_fault_test():
     table = (TESTS / "README.md").read_text()
     rows = re.findall(r"^\|\s*(\d+)\s*\|([^|]+)\|([^|]+)\|\s*`([^`]+)`\s*\|\s*$", table, flags=re.M)
-    assert len(rows) >= 40, f"the table has {len(rows)} rows; it must record at least 40 bad inputs and faults"
-    assert [int(number) for number, *_ in rows] == list(range(1, len(rows) + 1)), "rows are numbered 1, 2, 3, ..."
+    assert len(rows) >= 40, (
+        f"the table has {len(rows)} rows; it must record at least 40 bad inputs and faults"
+    )
+    assert [int(number) for number, *_ in rows] == list(range(1, len(rows) + 1)), (
+        "rows are numbered 1, 2, 3, ..."
+    )
     sources = {name: _test_ids(TESTS / name) for name in {ref.split("::")[0] for *_, ref in rows}}
     named: set[tuple[str, str]] = set()
     for number, fault, expected, ref in rows:
-        assert fault.strip() and expected.strip(), f"row {number} must say the input and the expected behaviour"
+        assert fault.strip() and expected.strip(), (
+            f"row {number} must say the input and the expected behaviour"
+        )
         match = re.fullmatch(r"(test_\w+\.py)::(test_\w+)(?:\[([\w.-]+)\])?", ref)
         assert match, f"row {number}: {ref!r} is not FILE::TEST or FILE::TEST[ID]"
         file, test, case = match.groups()
         assert test in sources[file], f"row {number}: {file} has no test {test}"
         ids = sources[file][test]
         if case is not None:
-            assert ids is not None and case in ids, f"row {number}: {test} has no case [{case}] (cases: {ids})"
+            assert ids is not None and case in ids, (
+                f"row {number}: {test} has no case [{case}] (cases: {ids})"
+            )
         named.add((file, test))
     for file in ("test_faults.py", "test_bad_inputs.py"):
         tests = _test_ids(TESTS / file) if file not in sources else sources[file]

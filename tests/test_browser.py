@@ -1,16 +1,24 @@
-"""The built site in headless Chromium: no errors rendered, images load and have alt text, widgets respond, no network."""
+"""The built site in headless Chromium: no errors rendered, images load and have alt text, widgets
+respond, no network."""
+
 from __future__ import annotations
 
 import shutil
 from pathlib import Path
 
 import pytest
-
 from clipdecomp.book import repo_root
 
 CHROMIUM = "/usr/bin/chromium"
-FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync"]
+FLAGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 SCREENSHOTS = repo_root() / "_build" / "screenshots"
 
 
@@ -22,8 +30,10 @@ def _pages(html: Path) -> list[Path]:
 @pytest.fixture(scope="module")
 def browser():
     if not Path(CHROMIUM).is_file():
-        pytest.fail(f"{CHROMIUM} is missing: install Debian's chromium (`apt-get install -y chromium`); "
-                    "scripts/test.sh does this when run as root.")
+        pytest.fail(
+            f"{CHROMIUM} is missing: install Debian's chromium (`apt-get install -y chromium`); "
+            "scripts/test.sh does this when run as root."
+        )
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:
@@ -63,15 +73,25 @@ def test_every_page_renders_cleanly_offline(built_book, browser):
         page.screenshot(path=str(SCREENSHOTS / f"{name}.png"), full_page=True)
         text = page.inner_text("body")
         assert "Traceback (most recent call last)" not in text, f"{name}: a Python traceback is rendered"
-        assert page.locator(".output.traceback, .output.error").count() == 0, f"{name}: an error output is rendered"
-        broken = page.evaluate("Array.from(document.images).filter(i => !(i.complete && i.naturalWidth > 0)).map(i => i.src)")
+        assert page.locator(".output.traceback, .output.error").count() == 0, (
+            f"{name}: an error output is rendered"
+        )
+        broken = page.evaluate(
+            "Array.from(document.images).filter(i => !(i.complete && i.naturalWidth > 0)).map(i => i.src)"
+        )
         assert not broken, f"{name}: images failed to load: {broken}"
-        no_alt = page.evaluate("Array.from(document.images).filter(i => { const alt = (i.getAttribute('alt') || '').trim();"
-                               " return !alt || i.src.endsWith(alt.split('/').pop()); }).map(i => i.src.slice(0, 90))")
-        assert not no_alt, f"{name}: images without alt text (a figure cell needs mystnb.image.alt metadata): {no_alt}"
+        no_alt = page.evaluate(
+            "Array.from(document.images).filter(i => { const alt = (i.getAttribute('alt') || '').trim();"
+            " return !alt || i.src.endsWith(alt.split('/').pop()); }).map(i => i.src.slice(0, 90))"
+        )
+        assert not no_alt, (
+            f"{name}: images without alt text (a figure cell needs mystnb.image.alt metadata): {no_alt}"
+        )
         assert not outside, f"{name}: requests left the machine: {outside}"
         if page.locator(".math").count():
-            assert page.locator("mjx-container").count(), f"{name}: maths did not render (MathJax not served locally?)"
+            assert page.locator("mjx-container").count(), (
+                f"{name}: maths did not render (MathJax not served locally?)"
+            )
         page.close()
 
 
@@ -83,8 +103,11 @@ def test_head_explorer_widgets_render_and_respond_offline(built_book, browser):
     assert selects.count() == 3, "the explorer's image/head/text dropdowns did not render"
 
     def visible(selector: str) -> list[str]:
-        return [e.inner_text() if selector.endswith("content") else e.get_attribute("src")
-                for e in page.locator(selector).all() if e.is_visible()]
+        return [
+            e.inner_text() if selector.endswith("content") else e.get_attribute("src")
+            for e in page.locator(selector).all()
+            if e.is_visible()
+        ]
 
     summary, pictures = visible(".widget-html-content"), visible(".jupyter-widgets img")
     assert pictures, "the explorer shows no image"

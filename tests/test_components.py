@@ -1,19 +1,22 @@
 """One component-label grammar: every label ``stack`` emits is accepted everywhere, and bad ones are named."""
+
 from __future__ import annotations
 
+import clipdecomp
 import pytest
 import torch
-
-import clipdecomp
 from clipdecomp.ablation import mean_ablate
 from clipdecomp.components import Component, parse_label
+
 from conftest import tiny_clip
 
 
 @pytest.fixture(scope="module")
 def spatial_parts() -> clipdecomp.Decomposition:
     g = torch.Generator().manual_seed(0)
-    return clipdecomp.decompose(tiny_clip(), torch.randn(3, 3, 32, 32, generator=g), spatial=True, layers=[1, 2])
+    return clipdecomp.decompose(
+        tiny_clip(), torch.randn(3, 3, 32, 32, generator=g), spatial=True, layers=[1, 2]
+    )
 
 
 @pytest.mark.parametrize("granularity", ["layer", "head", "patch"])
@@ -23,12 +26,13 @@ def test_every_stacked_label_round_trips(spatial_parts, granularity):
     for k, label in enumerate(labels):
         assert str(parse_label(label)) == label
         part = spatial_parts[label]
-        if part.ndim == 3:                       # a spatial head: its key tokens
+        if part.ndim == 3:  # a spatial head: its key tokens
             part = part.sum(1)
         torch.testing.assert_close(part, stacked[:, k], atol=1e-6, rtol=0)
         ablated = mean_ablate(spatial_parts, [label])
-        torch.testing.assert_close(ablated, spatial_parts.total() - stacked[:, k] + stacked[:, k].mean(0),
-                                   atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            ablated, spatial_parts.total() - stacked[:, k] + stacked[:, k].mean(0), atol=1e-5, rtol=0
+        )
 
 
 def test_cls_label_and_head_detail(spatial_parts):
@@ -38,11 +42,19 @@ def test_cls_label_and_head_detail(spatial_parts):
         spatial_parts["L0H0"]
 
 
-@pytest.mark.parametrize("label, error, message", [
-    ("L0H-1", IndexError, "head -1 is out of range"), ("L9H0", IndexError, "layer 9 is out of range"),
-    ("L1H5", IndexError, "4 heads, valid 0..3"), ("mlp_-1", IndexError, "layer -1"), ("L1H0T99", IndexError, "token 99"),
-    ("head_3", ValueError, "Unknown component"), ("L1H", ValueError, "labels look like"), (3, TypeError, "string"),
-])
+@pytest.mark.parametrize(
+    "label, error, message",
+    [
+        ("L0H-1", IndexError, "head -1 is out of range"),
+        ("L9H0", IndexError, "layer 9 is out of range"),
+        ("L1H5", IndexError, "4 heads, valid 0..3"),
+        ("mlp_-1", IndexError, "layer -1"),
+        ("L1H0T99", IndexError, "token 99"),
+        ("head_3", ValueError, "Unknown component"),
+        ("L1H", ValueError, "labels look like"),
+        (3, TypeError, "string"),
+    ],
+)
 def test_bad_labels_are_refused_everywhere(spatial_parts, label, error, message):
     with pytest.raises(error, match=message):
         spatial_parts[label]

@@ -1,10 +1,10 @@
 """environment.yml (conda/Colab) pins exactly what pyproject.toml pins."""
+
 from __future__ import annotations
 
 import tomllib
 
 import yaml
-
 from clipdecomp.book import repo_root
 
 

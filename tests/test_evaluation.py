@@ -1,16 +1,14 @@
 """Evaluation sets: the right images and labels, cached decompositions reused and resumed, clear errors."""
+
 from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
-
-import clipdecomp
 from clipdecomp.evaluation import evaluation_set
 from clipdecomp.toy import sample
+from PIL import Image
 from test_cache import tiny_bundle
 
 torch.set_num_threads(1)
@@ -25,14 +23,25 @@ def test_toy_set_scores_the_decomposition_like_the_embeddings(tmp_path):
     parts = cache.to_decomposition()
     embeddings = bundle.encode_image(torch.cat(list(images.batches(4))))
     assert images.accuracies(parts.total()) == images.accuracies(embeddings)
-    assert set(images.accuracies(embeddings)) == set(images.classifiers) == {"shape", "colour", "position", "size",
-                                                                             "background"}
+    assert (
+        set(images.accuracies(embeddings))
+        == set(images.classifiers)
+        == {"shape", "colour", "position", "size", "background"}
+    )
     # the same call reuses the finished cache; other layers or another part get their own folder
     finished = json.loads((cache.folder / "manifest.json").read_text())["finished"]
     again = images.decompose(bundle, tmp_path, layers=[-1], progress=False)
-    assert again.folder == cache.folder and json.loads((again.folder / "manifest.json").read_text())["finished"] == finished
-    other = evaluation_set(bundle, "toy", n_images=6, seed=5, part=1).decompose(bundle, tmp_path, layers=[-1], progress=False)
-    assert images.decompose(bundle, tmp_path, layers=[], progress=False).folder not in (cache.folder, other.folder)
+    assert (
+        again.folder == cache.folder
+        and json.loads((again.folder / "manifest.json").read_text())["finished"] == finished
+    )
+    other = evaluation_set(bundle, "toy", n_images=6, seed=5, part=1).decompose(
+        bundle, tmp_path, layers=[-1], progress=False
+    )
+    assert images.decompose(bundle, tmp_path, layers=[], progress=False).folder not in (
+        cache.folder,
+        other.folder,
+    )
     assert other.folder != cache.folder and other.ids != cache.ids
 
 

@@ -4,12 +4,12 @@ Each runs on the shipped toy model, and the real-data branch on the tiny real-fo
 tests write (a Waterbirds folder, an ImageNet-style folder), so what readers run with real weights
 is exercised here too.
 """
+
 from __future__ import annotations
 
+import clipdecomp
 import pytest
 import torch
-
-import clipdecomp
 from clipdecomp import spurious
 from clipdecomp.evaluation import evaluation_set
 from clipdecomp.text_span import describe_heads, reconstruct_heads, reconstruction_curve, text_span_heads
@@ -33,7 +33,7 @@ def test_spurious_task_on_the_toy_world(toy_bundle, tmp_path):
     assert fractions == sorted(fractions, reverse=True) and all(0 <= f <= 1 for f in fractions)
     assert set(result.val_scores) == {0, 1, 2, 3} and len(result.chosen) <= 3
     best = max(result.val_scores.values())
-    assert result.val_scores[len(result.chosen)] == best                     # validation decides
+    assert result.val_scores[len(result.chosen)] == best  # validation decides
     base = task.report(n_boot=20)
     assert result.base.worst_group == base.worst_group == min(base.per_group.values())
     expected = (task.predictions(task.test) == task.test.y).float().mean().item()
@@ -48,16 +48,22 @@ def test_spurious_task_on_the_toy_world(toy_bundle, tmp_path):
 
 
 def test_spurious_task_on_a_waterbirds_folder(toy_bundle, tmp_path):
-    rows = [(f"{i:03d}.Bird/{split}_{i}.jpg", (i // 2) % 2, split, i % 2) for split in (1, 2) for i in range(8)]
-    root = make_waterbirds(tmp_path / "waterbird_complete95_forest2water2", rows + [("001.Bird/train.jpg", 0, 0, 0)])
+    rows = [
+        (f"{i:03d}.Bird/{split}_{i}.jpg", (i // 2) % 2, split, i % 2) for split in (1, 2) for i in range(8)
+    ]
+    root = make_waterbirds(
+        tmp_path / "waterbird_complete95_forest2water2", rows + [("001.Bird/train.jpg", 0, 0, 0)]
+    )
     task = spurious.spurious_task(toy_bundle, root, last_k=1, cache_dir=tmp_path / "caches")
     assert task.name == "waterbirds" and task.class_names == ["landbird", "waterbird"]
     assert len(task.val.y) == len(task.test.y) == 8 and task.examples is None
     assert task.test.group.tolist() == [2 * y + p for _, y, s, p in rows if s == 2]
     assert task.concept.shape == (len(spurious.WATERBIRDS_PLACES), 64)
     result = task.compare(max_heads=2, random_trials=1, n_boot=5)
-    assert "authors' heads" not in result.rows          # no published list for the toy architecture
-    assert result.base.average == pytest.approx((task.predictions(task.test) == task.test.y).float().mean().item())
+    assert "authors' heads" not in result.rows  # no published list for the toy architecture
+    assert result.base.average == pytest.approx(
+        (task.predictions(task.test) == task.test.y).float().mean().item()
+    )
 
 
 def test_spurious_task_rejects_bad_sizes(toy_bundle, tmp_path):
@@ -70,10 +76,20 @@ def test_spurious_task_rejects_bad_sizes(toy_bundle, tmp_path):
 def fitted(toy_bundle, tmp_path_factory):
     folder = tmp_path_factory.mktemp("caches")
     fit, held_out = (evaluation_set(toy_bundle, "toy", 40, seed=5, part=part) for part in (0, 1))
-    parts_fit, parts_eval = (images.decompose(toy_bundle, folder, layers=[4, 5], progress=False).to_decomposition()
-                             for images in (fit, held_out))
-    pool = ["a red object", "a circle", "a star", "something on sand", "an object in the top left", "a small object",
-            "a blue object", "a photo of water"]
+    parts_fit, parts_eval = (
+        images.decompose(toy_bundle, folder, layers=[4, 5], progress=False).to_decomposition()
+        for images in (fit, held_out)
+    )
+    pool = [
+        "a red object",
+        "a circle",
+        "a star",
+        "something on sand",
+        "an object in the top left",
+        "a small object",
+        "a blue object",
+        "a photo of water",
+    ]
     spans = text_span_heads(parts_fit, toy_bundle.encode_text(pool), m=4, rank=16)
     return fit, held_out, parts_fit, parts_eval, pool, spans
 
@@ -82,9 +98,13 @@ def test_reconstruction_is_exact_with_the_whole_space_and_the_mean_with_none(fit
     fit, held_out, parts_fit, parts_eval, pool, spans = fitted
     mean_only = reconstruct_heads(parts_eval, spans, 0, parts_fit)
     expected = parts_eval.embedding + parts_eval.mlps.sum(1) + parts_fit.attns[:, :4].mean(0).sum(0)
-    expected = expected + sum(spans[f"L{l}H{h}"].mean for l in (4, 5) for h in range(parts_eval.n_heads)).float()
+    expected = (
+        expected + sum(spans[f"L{l}H{h}"].mean for l in (4, 5) for h in range(parts_eval.n_heads)).float()
+    )
     torch.testing.assert_close(mean_only, expected, atol=1e-5, rtol=0)
-    intact, curve = reconstruction_curve(parts_eval, parts_fit, {"pool": spans}, [0, 2, 4], held_out.mean_accuracy)
+    intact, curve = reconstruction_curve(
+        parts_eval, parts_fit, {"pool": spans}, [0, 2, 4], held_out.mean_accuracy
+    )
     assert list(curve.index) == [0, 2, 4] and list(curve.columns) == ["pool"]
     assert curve.loc[0, "pool"] == pytest.approx(held_out.mean_accuracy(mean_only))
     assert 0 <= intact <= 1

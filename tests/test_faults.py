@@ -4,6 +4,7 @@ Each fault is simulated (truncated, swapped or overwritten shards, kill -9 with 
 tiny tmpfs and a read-only bind mount where the tests run as root), and each must end in an error naming
 the problem and the fix, with nothing half-written read back and nothing the builder did not write
 touched. tests/README.md lists every case with its test."""
+
 from __future__ import annotations
 
 import json
@@ -47,12 +48,14 @@ TESTS = Path(__file__).resolve().parent
 def assert_same_cache(a: DecompositionCache, b: DecompositionCache) -> None:
     assert a.ids == b.ids and a.indices.tolist() == b.indices.tolist() and len(set(a.ids)) == len(a.ids)
     for name in a.manifest["fields"]:
-        np.testing.assert_allclose(np.asarray(a.field(name), np.float32), np.asarray(b.field(name), np.float32),
-                                   atol=1e-3)
+        np.testing.assert_allclose(
+            np.asarray(a.field(name), np.float32), np.asarray(b.field(name), np.float32), atol=1e-3
+        )
     assert {k: v.tolist() for k, v in a.labels.items()} == {k: v.tolist() for k, v in b.labels.items()}
 
 
 # --- image files in a dataset folder ---------------------------------------------------------------
+
 
 def test_grayscale_rgba_cmyk_palette_16bit_files_become_rgb(tmp_path):
     root = tmp_path / "val"
@@ -69,11 +72,17 @@ def test_grayscale_rgba_cmyk_palette_16bit_files_become_rgb(tmp_path):
     for i in range(5):
         image = data.image(i)
         assert image.shape == (3, 32, 32) and torch.isfinite(image).all()
-    assert np.asarray(load_rgb(root / "b" / "clear.png"))[0, 0].tolist() == [255, 255, 255]  # composited on white
+    assert np.asarray(load_rgb(root / "b" / "clear.png"))[0, 0].tolist() == [
+        255,
+        255,
+        255,
+    ]  # composited on white
     gray = np.asarray(load_rgb(root / "a" / "gray.png"))
     assert gray.shape == (20, 20, 3) and (gray[..., 0] == gray[..., 2]).all()
     assert load_rgb(root / "a" / "cmyk.jpg").mode == "RGB"
-    assert np.asarray(load_rgb(root / "b" / "deep.png")).max() == 156  # 16-bit scaled (40000 / 257), not clipped
+    assert (
+        np.asarray(load_rgb(root / "b" / "deep.png")).max() == 156
+    )  # 16-bit scaled (40000 / 257), not clipped
 
 
 def make_corrupt_folder(root: Path) -> Path:
@@ -116,6 +125,7 @@ def test_file_corrupted_after_checking_is_named(tmp_path):
 
 # --- dataset folders missing or in the wrong layout ----------------------------------------------------
 
+
 def test_imagefolder_missing_or_wrong_layout(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist.*one sub-folder per class"):
         ImageFolderDataset(tmp_path / "nowhere", PREPROCESS)
@@ -139,7 +149,9 @@ def test_waterbirds_missing_or_wrong_layout(tmp_path):
         WaterbirdsDataset(tmp_path / "no_meta", PREPROCESS)
     root = make_waterbirds(tmp_path / "wb", [("001.A/a.jpg", 1, 2, 0), ("001.A/b.jpg", 0, 2, 1)])
     metadata = (root / "metadata.csv").read_text()
-    (root / "metadata.csv").write_text(metadata.replace("img_id,img_filename,y,", "img_id,img_filename,label,"))
+    (root / "metadata.csv").write_text(
+        metadata.replace("img_id,img_filename,y,", "img_id,img_filename,label,")
+    )
     with pytest.raises(ValueError, match=r"lacks the column\(s\) \['y'\].*img_filename, y, split, place"):
         WaterbirdsDataset(root, PREPROCESS)
     (root / "metadata.csv").write_text(metadata.replace("001.A/b.jpg,0,2,1", "001.A/b.jpg,0,7,1"))
@@ -155,19 +167,35 @@ def test_waterbirds_missing_or_wrong_layout(tmp_path):
 
 # --- model, text and tensor inputs -------------------------------------------------------------------
 
+
 def test_cli_wrong_model_spec_writes_nothing(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        main(["decompose", "--model", "ViT-Q-99", "--data", "toy", "--out", str(tmp_path / "c"), "--no-progress"])
+        main(
+            [
+                "decompose",
+                "--model",
+                "ViT-Q-99",
+                "--data",
+                "toy",
+                "--out",
+                str(tmp_path / "c"),
+                "--no-progress",
+            ]
+        )
     assert exit_info.value.code == 2
     assert "not an open_clip architecture" in capsys.readouterr().err
     assert not (tmp_path / "c").exists()
 
 
-@pytest.mark.parametrize("overrides, match", [
-    (dict(pool_type="none"), "Pooling 'none'"),
-    (dict(scaled_cosine_attn=True), "CustomResidualAttentionBlock"),
-    (dict(proj=None), "without a final projection"),
-], ids=["pool-none", "cosine-attention", "no-projection"])
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        (dict(pool_type="none"), "Pooling 'none'"),
+        (dict(scaled_cosine_attn=True), "CustomResidualAttentionBlock"),
+        (dict(proj=None), "without a final projection"),
+    ],
+    ids=["pool-none", "cosine-attention", "no-projection"],
+)
 def test_unsupported_towers_refused_before_writing(tmp_path, overrides, match):
     remove_proj = overrides.pop("proj", "keep") is None
     bundle = tiny_bundle(**overrides)
@@ -183,13 +211,21 @@ def test_empty_or_bad_text_inputs():
     with pytest.raises(ValueError, match="empty list"):
         bundle.encode_text([])
     data = ToyDataset(2, preprocess=PREPROCESS)
-    for texts, match in ((torch.zeros(0, 24), r"\[T, 24\]"), (torch.randn(3, 10), r"\[T, 24\].*encode_text"),
-                         (torch.full((2, 24), float("nan")), "NaN or Inf")):
+    for texts, match in (
+        (torch.zeros(0, 24), r"\[T, 24\]"),
+        (torch.randn(3, 10), r"\[T, 24\].*encode_text"),
+        (torch.full((2, 24), float("nan")), "NaN or Inf"),
+    ):
         with pytest.raises(ValueError, match=match):
             DecompositionCache.build(bundle, data, "/nonexistent/never-created", text_directions=texts)
     with pytest.raises(ValueError, match="2 names for 3"):
-        DecompositionCache.build(bundle, data, "/nonexistent/never-created", text_directions=torch.randn(3, 24),
-                                 text_labels=["a", "b"])
+        DecompositionCache.build(
+            bundle,
+            data,
+            "/nonexistent/never-created",
+            text_directions=torch.randn(3, 24),
+            text_labels=["a", "b"],
+        )
 
 
 def test_inf_pixels_rejected():
@@ -199,10 +235,14 @@ def test_inf_pixels_rejected():
 
 def test_layers_out_of_range_refused_before_writing(tmp_path, capsys):
     with pytest.raises(IndexError, match=r"\[3\] out of range.*3 layers"):
-        DecompositionCache.build(tiny_bundle(), ToyDataset(2, preprocess=PREPROCESS), tmp_path / "c", layers=[3])
+        DecompositionCache.build(
+            tiny_bundle(), ToyDataset(2, preprocess=PREPROCESS), tmp_path / "c", layers=[3]
+        )
     assert not (tmp_path / "c").exists()
     with pytest.raises(SystemExit):
-        main(["decompose", "--model", "toy", "--data", "toy", "--out", str(tmp_path / "c"), "--layers", "last"])
+        main(
+            ["decompose", "--model", "toy", "--data", "toy", "--out", str(tmp_path / "c"), "--layers", "last"]
+        )
     assert "use 'all', 'none'" in capsys.readouterr().err
 
 
@@ -223,25 +263,49 @@ class Faulty(ToyDataset):
         return super().image(index)
 
 
-@pytest.mark.parametrize("fault, error, match", [
-    ("nan", ValueError, r"toy/uniform/0/5 .*NaN or Inf"),
-    ("size", ValueError, r"toy/uniform/0/5 \(index 5\) has shape \[3, 64, 64\].*\[3, 32, 32\].*preprocess"),
-    ("raise", OSError, "disk error"),
-], ids=["nan", "size", "raise"])
+@pytest.mark.parametrize(
+    "fault, error, match",
+    [
+        ("nan", ValueError, r"toy/uniform/0/5 .*NaN or Inf"),
+        (
+            "size",
+            ValueError,
+            r"toy/uniform/0/5 \(index 5\) has shape \[3, 64, 64\].*\[3, 32, 32\].*preprocess",
+        ),
+        ("raise", OSError, "disk error"),
+    ],
+    ids=["nan", "size", "raise"],
+)
 def test_failure_mid_build_keeps_whole_shards_and_resumes(tmp_path, fault, error, match):
     bundle, out = tiny_bundle(), tmp_path / "c"
     with pytest.raises(error, match=match):
-        DecompositionCache.build(bundle, Faulty(10, preprocess=PREPROCESS, bad_index=5, fault=fault), out,
-                                 batch_size=2, shard_size=4, progress=False)
-    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "shard_00000"]  # no partial shard, no lock file
+        DecompositionCache.build(
+            bundle,
+            Faulty(10, preprocess=PREPROCESS, bad_index=5, fault=fault),
+            out,
+            batch_size=2,
+            shard_size=4,
+            progress=False,
+        )
+    assert sorted(p.name for p in out.iterdir()) == [
+        "manifest.json",
+        "shard_00000",
+    ]  # no partial shard, no lock file
     with pytest.raises(IncompleteCacheError, match="1 of 3 shards.*same arguments to resume"):
         DecompositionCache.open(out)
     first_shard = (out / "shard_00000" / "heads.npy").stat().st_mtime_ns
-    resumed = DecompositionCache.build(bundle, ToyDataset(10, preprocess=PREPROCESS), out, batch_size=2,
-                                       shard_size=4, progress=False)
+    resumed = DecompositionCache.build(
+        bundle, ToyDataset(10, preprocess=PREPROCESS), out, batch_size=2, shard_size=4, progress=False
+    )
     assert (out / "shard_00000" / "heads.npy").stat().st_mtime_ns == first_shard  # kept, not recomputed
-    clean = DecompositionCache.build(bundle, ToyDataset(10, preprocess=PREPROCESS), tmp_path / "clean",
-                                     batch_size=2, shard_size=4, progress=False)
+    clean = DecompositionCache.build(
+        bundle,
+        ToyDataset(10, preprocess=PREPROCESS),
+        tmp_path / "clean",
+        batch_size=2,
+        shard_size=4,
+        progress=False,
+    )
     assert_same_cache(resumed, clean)
 
 
@@ -278,12 +342,19 @@ def test_killed_run_resumes_with_every_row_once(tmp_path):
     leftover.mkdir()
     (leftover / "heads.npy").write_bytes(b"half a file")
     kept = {p: p.stat().st_mtime_ns for p in out.glob("shard_*/*.npy")}
-    resumed = DecompositionCache.build(tiny_bundle(), ToyDataset(10, preprocess=PREPROCESS), out, batch_size=2,
-                                       shard_size=4, progress=False)
+    resumed = DecompositionCache.build(
+        tiny_bundle(), ToyDataset(10, preprocess=PREPROCESS), out, batch_size=2, shard_size=4, progress=False
+    )
     assert not leftover.exists()
     assert {p: p.stat().st_mtime_ns for p in kept} == kept
-    clean = DecompositionCache.build(tiny_bundle(), ToyDataset(10, preprocess=PREPROCESS), tmp_path / "clean",
-                                     batch_size=2, shard_size=4, progress=False)
+    clean = DecompositionCache.build(
+        tiny_bundle(),
+        ToyDataset(10, preprocess=PREPROCESS),
+        tmp_path / "clean",
+        batch_size=2,
+        shard_size=4,
+        progress=False,
+    )
     assert_same_cache(resumed, clean)
     assert resumed.ids == ToyDataset(10, preprocess=PREPROCESS).ids
 
@@ -315,37 +386,60 @@ def test_second_writer_gets_a_clear_error(tmp_path):
 
 def test_stale_cache_names_what_differs_and_is_left_alone(tmp_path):
     out = tmp_path / "c"
-    cache = DecompositionCache.build(tiny_bundle(), ToyDataset(4, seed=0, preprocess=PREPROCESS), out, progress=False)
+    cache = DecompositionCache.build(
+        tiny_bundle(), ToyDataset(4, seed=0, preprocess=PREPROCESS), out, progress=False
+    )
     stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*.npy")}
     other_model = tiny_bundle()
     with torch.no_grad():
         other_model.model.visual.proj.mul_(2)
     with pytest.raises(StaleCacheError, match=r"model\.weights: cache has .*Delete the folder"):
-        DecompositionCache.build(other_model, ToyDataset(4, seed=0, preprocess=PREPROCESS), out, progress=False)
-    with pytest.raises(StaleCacheError, match=r"dataset\.images_sha256.*dataset\.seed: cache has 0, requested 1"):
-        DecompositionCache.build(tiny_bundle(), ToyDataset(4, seed=1, preprocess=PREPROCESS), out, progress=False)
+        DecompositionCache.build(
+            other_model, ToyDataset(4, seed=0, preprocess=PREPROCESS), out, progress=False
+        )
+    with pytest.raises(
+        StaleCacheError, match=r"dataset\.images_sha256.*dataset\.seed: cache has 0, requested 1"
+    ):
+        DecompositionCache.build(
+            tiny_bundle(), ToyDataset(4, seed=1, preprocess=PREPROCESS), out, progress=False
+        )
     bilinear = open_clip.image_transform(32, is_train=False, interpolation="bilinear")
     with pytest.raises(StaleCacheError, match=r"dataset\.preprocess: cache has"):
-        DecompositionCache.build(tiny_bundle(), ToyDataset(4, seed=0, preprocess=bilinear), out, progress=False)
+        DecompositionCache.build(
+            tiny_bundle(), ToyDataset(4, seed=0, preprocess=bilinear), out, progress=False
+        )
     with pytest.raises(StaleCacheError, match=r"reductions\.dtype"):
-        DecompositionCache.build(tiny_bundle(), ToyDataset(4, seed=0, preprocess=PREPROCESS), out, dtype="float32",
-                                 progress=False)
+        DecompositionCache.build(
+            tiny_bundle(), ToyDataset(4, seed=0, preprocess=PREPROCESS), out, dtype="float32", progress=False
+        )
     wanted = json.loads(json.dumps(cache.key))
     wanted["model"]["spec"] = "ViT-B-16"
     with pytest.raises(StaleCacheError, match=r"model\.spec: cache has \"tiny\", requested \"ViT-B-16\""):
         DecompositionCache.open(out, expected_key=wanted)
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*.npy")} == stamps
     with pytest.raises(FileExistsError, match="not a decomposition cache"):
-        DecompositionCache.build(tiny_bundle(), ToyDataset(4, preprocess=PREPROCESS), tmp_path / "c" / "shard_00000",
-                                 progress=False)
+        DecompositionCache.build(
+            tiny_bundle(),
+            ToyDataset(4, preprocess=PREPROCESS),
+            tmp_path / "c" / "shard_00000",
+            progress=False,
+        )
 
 
 # --- a finished cache proves it is whole before it is read (and a rerun repairs it) ------------------
 
+
 def small_cache(out: Path, n: int = 10, **kwargs) -> DecompositionCache:
     """A 3-shard cache of the tiny model (4 + 4 + 2 images); the same call resumes or repairs it."""
-    return DecompositionCache.build(tiny_bundle(), ToyDataset(n, preprocess=PREPROCESS), out, batch_size=4,
-                                    shard_size=4, progress=False, **kwargs)
+    return DecompositionCache.build(
+        tiny_bundle(),
+        ToyDataset(n, preprocess=PREPROCESS),
+        out,
+        batch_size=4,
+        shard_size=4,
+        progress=False,
+        **kwargs,
+    )
 
 
 def stamps(out: Path) -> dict[str, int]:
@@ -372,8 +466,11 @@ def test_truncated_shard_file_named_on_open_and_repaired(tmp_path):
     small_cache(out)
     heads = out / "shard_00001" / "heads.npy"
     heads.write_bytes(heads.read_bytes()[: heads.stat().st_size // 2])
-    with pytest.raises(CorruptCacheError, match=r"shard_00001/heads\.npy has \d+ bytes, \d+ were written.*same "
-                                                r"arguments.*only the damaged shards"):
+    with pytest.raises(
+        CorruptCacheError,
+        match=r"shard_00001/heads\.npy has \d+ bytes, \d+ were written.*same "
+        r"arguments.*only the damaged shards",
+    ):
         DecompositionCache.open(out)
     assert repaired_equals_clean(out, tmp_path) == {"shard_00001"}  # only the damaged shard is recomputed
 
@@ -389,8 +486,11 @@ def test_swapped_or_duplicated_shards_refused_and_repaired(tmp_path, fault):
     else:
         shutil.rmtree(out / "shard_00001")
         shutil.copytree(out / "shard_00000", out / "shard_00001")
-    with pytest.raises(CorruptCacheError, match=r"shard_00001/ids\.npy does not match the checksum.*should hold "
-                                                r"images 'toy/uniform/0/4'\.\.'toy/uniform/0/7'"):
+    with pytest.raises(
+        CorruptCacheError,
+        match=r"shard_00001/ids\.npy does not match the checksum.*should hold "
+        r"images 'toy/uniform/0/4'\.\.'toy/uniform/0/7'",
+    ):
         DecompositionCache.open(out)
     expected = {"shard_00000", "shard_00001"} if fault == "swapped" else {"shard_00001"}
     assert repaired_equals_clean(out, tmp_path, n=8) == expected
@@ -438,23 +538,36 @@ def _damage(out: Path, fault: str) -> None:
         np.save(out / "text_directions.npy", np.ones((2, 24), dtype=np.float32))
 
 
-@pytest.mark.parametrize("fault, match", [
-    ("npy-header", r"shard_00000/norm\.npy is unreadable \(ValueError"),
-    ("missing-file", r"shard_00000/mlps\.npy is missing"),
-    ("labels-edited", r"shard_00000/label_shape\.npy does not match the checksum"),
-    ("missing-shard", r"shard_00001 is missing"),
-    ("manifest-json", r"manifest\.json is unreadable \(JSONDecodeError"),
-    ("manifest-fields", r"manifest\.json lacks a valid 'n_shards'"),
-    ("text-directions", r"text_directions\.npy does not hold the directions"),
-], ids=["npy-header", "missing-file", "labels-edited", "missing-shard", "manifest-json", "manifest-fields",
-        "text-directions"])
+@pytest.mark.parametrize(
+    "fault, match",
+    [
+        ("npy-header", r"shard_00000/norm\.npy is unreadable \(ValueError"),
+        ("missing-file", r"shard_00000/mlps\.npy is missing"),
+        ("labels-edited", r"shard_00000/label_shape\.npy does not match the checksum"),
+        ("missing-shard", r"shard_00001 is missing"),
+        ("manifest-json", r"manifest\.json is unreadable \(JSONDecodeError"),
+        ("manifest-fields", r"manifest\.json lacks a valid 'n_shards'"),
+        ("text-directions", r"text_directions\.npy does not hold the directions"),
+    ],
+    ids=[
+        "npy-header",
+        "missing-file",
+        "labels-edited",
+        "missing-shard",
+        "manifest-json",
+        "manifest-fields",
+        "text-directions",
+    ],
+)
 def test_damaged_files_are_named_with_their_path_and_repaired(tmp_path, fault, match):
     out = tmp_path / "c"
     texts = dict(text_directions=torch.randn(2, 24, generator=torch.Generator().manual_seed(0)))
     kwargs = texts if fault == "text-directions" else {}
     small_cache(out, **kwargs)
     _damage(out, fault)
-    with pytest.raises(CorruptCacheError, match=match + r".*(Build it again|build again) with the same arguments"):
+    with pytest.raises(
+        CorruptCacheError, match=match + r".*(Build it again|build again) with the same arguments"
+    ):
         DecompositionCache.open(out)
     if fault == "text-directions":
         small_cache(out, **kwargs)  # the directions are rewritten from the arguments; the shards stay
@@ -464,7 +577,7 @@ def test_damaged_files_are_named_with_their_path_and_repaired(tmp_path, fault, m
 
 
 def as_format_1(out: Path) -> None:
-    """Turn a cache into what clipdecomp wrote before checksums: format 1, a lock file, a leftover temporary."""
+    """Turn a cache into what clipdecomp wrote before checksums: format 1, a lock file, a temporary."""
     manifest = json.loads((out / "manifest.json").read_text())
     manifest["format"] = manifest["key"]["format"] = 1
     del manifest["shards"]
@@ -477,7 +590,9 @@ def test_old_format_cache_is_checked_and_upgraded_by_the_same_build(tmp_path):
     out = tmp_path / "c"
     small_cache(out)
     as_format_1(out)
-    np.save(out / "shard_00001" / "ids.npy", np.array(["toy/uniform/0/0"] * 4))  # one shard that is not what it says
+    np.save(
+        out / "shard_00001" / "ids.npy", np.array(["toy/uniform/0/0"] * 4)
+    )  # one shard that is not what it says
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
     with pytest.raises(StaleCacheError, match="cache format 1, without the checksums.*same arguments"):
         DecompositionCache.open(out)
@@ -491,14 +606,31 @@ def test_old_format_cache_is_checked_and_upgraded_by_the_same_build(tmp_path):
     assert "format 1, without checksums: checking its shards" in messages
     assert "shard_00001 (format 1) does not hold the images this build puts there" in messages
     assert rewritten(kept, out) == {"shard_00001"}  # the two sound shards are kept, the wrong one recomputed
-    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "shard_00000", "shard_00001", "shard_00002"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "manifest.json",
+        "shard_00000",
+        "shard_00001",
+        "shard_00002",
+    ]
     assert_same_cache(upgraded.verify(), small_cache(tmp_path / "clean"))
 
 
 def test_cli_rerun_repairs_a_truncated_cache_instead_of_succeeding_silently(tmp_path, capsys):
     save_tiny_local_dir(tmp_path / "model")
-    args = ["decompose", "--model", str(tmp_path / "model"), "--data", "toy", "--n", "8", "--out", str(tmp_path / "c"),
-            "--shard-size", "4", "--no-progress"]
+    args = [
+        "decompose",
+        "--model",
+        str(tmp_path / "model"),
+        "--data",
+        "toy",
+        "--n",
+        "8",
+        "--out",
+        str(tmp_path / "c"),
+        "--shard-size",
+        "4",
+        "--no-progress",
+    ]
     main(args)
     norm = tmp_path / "c" / "shard_00001" / "norm.npy"
     norm.write_bytes(norm.read_bytes()[:-8])  # 64 images said, fewer held: the case from the issue
@@ -511,6 +643,7 @@ def test_cli_rerun_repairs_a_truncated_cache_instead_of_succeeding_silently(tmp_
 
 
 # --- the builder never deletes or writes what it did not create -------------------------------------------
+
 
 def listing(folder: Path) -> dict[str, int]:
     return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in folder.rglob("*")}
@@ -532,8 +665,11 @@ def test_user_folders_are_refused_and_left_exactly_as_they_were(tmp_path, fault)
     else:
         (out / "manifest.json").write_text(json.dumps({"name": "my project"}))
     before = listing(out)
-    with pytest.raises(FileExistsError, match="not empty and is not a decomposition cache|cannot be read as a "
-                                              "decomposition cache.*nothing was touched"):
+    with pytest.raises(
+        FileExistsError,
+        match="not empty and is not a decomposition cache|cannot be read as a "
+        "decomposition cache.*nothing was touched",
+    ):
         small_cache(out)
     assert listing(out) == before  # no lock file, no manifest, nothing removed
 
@@ -553,14 +689,21 @@ def test_failure_before_the_first_shard_leaves_the_folder_as_found(tmp_path, whe
         out.mkdir()
     texts = torch.randn(2, 24)
     with pytest.raises(ValueError, match="NaN or Inf"):
-        DecompositionCache.build(tiny_bundle(), Faulty(6, preprocess=PREPROCESS, bad_index=0, fault="nan"), out,
-                                 text_directions=texts, shard_size=4, progress=False)
+        DecompositionCache.build(
+            tiny_bundle(),
+            Faulty(6, preprocess=PREPROCESS, bad_index=0, fault="nan"),
+            out,
+            text_directions=texts,
+            shard_size=4,
+            progress=False,
+        )
     if where == "new-folder":
         assert not (tmp_path / "a").exists()  # the folders it created are gone too
     else:
         assert list(out.iterdir()) == []
-    cache = DecompositionCache.build(tiny_bundle(), ToyDataset(6, preprocess=PREPROCESS), out, dtype="float32",
-                                     progress=False)  # the corrected rerun, with other arguments, just works
+    cache = DecompositionCache.build(
+        tiny_bundle(), ToyDataset(6, preprocess=PREPROCESS), out, dtype="float32", progress=False
+    )  # the corrected rerun, with other arguments, just works
     assert len(cache) == 6
 
 
@@ -569,7 +712,10 @@ def test_foreign_file_inside_a_damaged_shard_is_kept(tmp_path):
     small_cache(out)
     (out / "shard_00002" / "norm.npy").write_bytes(b"short")
     (out / "shard_00002" / "my_notes.txt").write_text("keep me")
-    with pytest.warns(UserWarning, match="damaged"), pytest.raises(FileExistsError, match=r"my_notes\.txt.*move them"):
+    with (
+        pytest.warns(UserWarning, match="damaged"),
+        pytest.raises(FileExistsError, match=r"my_notes\.txt.*move them"),
+    ):
         small_cache(out)
     assert (out / "shard_00002" / "my_notes.txt").read_text() == "keep me"
 
@@ -590,8 +736,8 @@ class Stalling(ToyDataset):
             time.sleep(120)
         return super().image(index)
 
-DecompositionCache.build(tiny_bundle(), Stalling(10, preprocess=PREPROCESS), {out!r}, batch_size=2, shard_size=4,
-                         num_workers=2, progress=False)
+DecompositionCache.build(tiny_bundle(), Stalling(10, preprocess=PREPROCESS), {out!r}, batch_size=2,
+                         shard_size=4, num_workers=2, progress=False)
 """
 
 
@@ -606,14 +752,17 @@ def test_killed_parent_with_live_workers_does_not_hold_the_lock(tmp_path):
         while len(workers) < 2 and time.monotonic() < deadline and parent.poll() is None:
             time.sleep(0.2)
             workers = [int(p.name) for p in flags.iterdir()]
-        assert len(workers) == 2, parent.stderr.read() if parent.poll() is not None else "workers did not start"
+        assert len(workers) == 2, (
+            parent.stderr.read() if parent.poll() is not None else "workers did not start"
+        )
         parent.kill()  # SIGKILL: no cleanup; the two workers live on, sleeping
         parent.wait()
         for pid in workers:
             os.kill(pid, 0)  # still alive
         assert not list(out.glob("shard_*"))
-        cache = DecompositionCache.build(tiny_bundle(), ToyDataset(6, preprocess=PREPROCESS), out, shard_size=4,
-                                         progress=False)  # neither refused as locked nor as stale: no shard was done
+        cache = DecompositionCache.build(
+            tiny_bundle(), ToyDataset(6, preprocess=PREPROCESS), out, shard_size=4, progress=False
+        )  # neither refused as locked nor as stale: no shard was done
         assert len(cache) == 6
     finally:
         parent.kill()
@@ -626,12 +775,15 @@ def test_killed_parent_with_live_workers_does_not_hold_the_lock(tmp_path):
 
 # --- storage faults: read-only storage and a full disk, simulated with mounts ------------------------------
 
+
 @pytest.fixture
 def mounts():
     """``mount(kind, target, ...)``: a tiny tmpfs or a read-only bind mount, unmounted after the test."""
     if os.geteuid() != 0:
-        pytest.skip("storage faults are simulated with a tmpfs and a read-only bind mount, which need root "
-                    f"(id -u is {os.geteuid()}); run the tests as root to cover them")
+        pytest.skip(
+            "storage faults are simulated with a tmpfs and a read-only bind mount, which need root "
+            f"(id -u is {os.geteuid()}); run the tests as root to cover them"
+        )
     mounted: list[Path] = []
 
     def mount(kind: str, target: Path, source: Path | None = None, size: str = "1m") -> Path:
@@ -639,13 +791,18 @@ def mounts():
         if kind == "tmpfs":
             commands = [["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(target)]]
         elif kind == "read-only":
-            commands = [["mount", "--bind", str(source), str(target)], ["mount", "-o", "remount,bind,ro", str(target)]]
+            commands = [
+                ["mount", "--bind", str(source), str(target)],
+                ["mount", "-o", "remount,bind,ro", str(target)],
+            ]
         else:  # resize an existing tmpfs
             commands = [["mount", "-o", f"remount,size={size}", str(target)]]
         for command in commands:
             result = subprocess.run(command, capture_output=True, text=True)
             if result.returncode:
-                pytest.skip(f"cannot simulate storage faults here: {' '.join(command)}: {result.stderr.strip()}")
+                pytest.skip(
+                    f"cannot simulate storage faults here: {' '.join(command)}: {result.stderr.strip()}"
+                )
             if target not in mounted:
                 mounted.append(target)
         return target
@@ -657,8 +814,22 @@ def mounts():
 
 
 def cli_args(model: Path, out: Path, n: int = 10) -> list[str]:
-    return ["decompose", "--model", str(model), "--data", "toy", "--n", str(n), "--out", str(out), "--batch-size", "4",
-            "--shard-size", "4", "--no-progress"]
+    return [
+        "decompose",
+        "--model",
+        str(model),
+        "--data",
+        "toy",
+        "--n",
+        str(n),
+        "--out",
+        str(out),
+        "--batch-size",
+        "4",
+        "--shard-size",
+        "4",
+        "--no-progress",
+    ]
 
 
 def one_line_error(capsys, args: list[str]) -> str:
@@ -677,8 +848,9 @@ def test_complete_cache_on_read_only_storage_is_reused(tmp_path, mounts, capsys)
     main(cli_args(tmp_path / "model", view))  # the CLI: nothing to write, so no lock file and no error
     assert "10 images" in capsys.readouterr().out
     bundle = clipdecomp.load(str(tmp_path / "model"))
-    cache = DecompositionCache.build(bundle, ToyDataset(10, 0, bundle.preprocess), view, batch_size=4, shard_size=4,
-                                     progress=False)  # build() itself, verified in full
+    cache = DecompositionCache.build(
+        bundle, ToyDataset(10, 0, bundle.preprocess), view, batch_size=4, shard_size=4, progress=False
+    )  # build() itself, verified in full
     assert len(cache) == 10 and listing(view) == before
 
 
@@ -704,8 +876,11 @@ def test_full_disk_is_one_clear_line_and_the_cache_resumes(tmp_path, mounts, cap
     disk = mounts("tmpfs", tmp_path / "disk", size="120k")  # room for the manifest and one shard of three
     out = disk / "c"
     err = one_line_error(capsys, cli_args(tmp_path / "model", out))
-    assert re.search(r"No space left on the device holding .*shard_00001; it needs about \d+ KB \(and about \d+ KB "
-                     r"for the 1 shard after it\), and \d+ KB is free.*run the same build again", err), err
+    assert re.search(
+        r"No space left on the device holding .*shard_00001; it needs about \d+ KB \(and about \d+ KB "
+        r"for the 1 shard after it\), and \d+ KB is free.*run the same build again",
+        err,
+    ), err
     assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "shard_00000"]  # whole shards only
     kept = stamps(out)
     mounts("resize", disk, size="4m")

@@ -8,7 +8,6 @@ import open_clip
 import pytest
 import torch
 import torchvision.transforms as T
-
 from clipdecomp.imagenet_seg import ImageNetSegmentation, align_mask, square_mask
 
 RED, BLUE = (255, 0, 0), (0, 0, 255)

@@ -1,10 +1,11 @@
-"""Helpers the chapters score the toy world with: neighbour agreement, chance level, pointing game, twin, cue signal."""
+"""Helpers the chapters score the toy world with: neighbour agreement, chance level, pointing game,
+random twin, cue signal."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
-
 from clipdecomp import retrieval, spatial, spurious
 from clipdecomp.toy import groundtruth
 
@@ -54,7 +55,6 @@ def test_pointing_game():
         spatial.pointing_game(heat, masks[:, :2])
 
 
-
 def test_random_twin_has_the_architecture_but_not_the_weights(tmp_path):
     import json
 
@@ -67,33 +67,41 @@ def test_random_twin_has_the_architecture_but_not_the_weights(tmp_path):
     trained = tiny_clip()
     with torch.no_grad():
         trained.visual.proj.add_(1.0)  # stands in for training
-    (tmp_path / "open_clip_config.json").write_text(json.dumps({"model_cfg": {"embed_dim": 24, "vision_cfg": vision,
-                                                                              "text_cfg": text}}))
-    save_file({k: v.contiguous() for k, v in trained.state_dict().items()}, str(tmp_path / "open_clip_model.safetensors"))
+    (tmp_path / "open_clip_config.json").write_text(
+        json.dumps({"model_cfg": {"embed_dim": 24, "vision_cfg": vision, "text_cfg": text}})
+    )
+    save_file(
+        {k: v.contiguous() for k, v in trained.state_dict().items()},
+        str(tmp_path / "open_clip_model.safetensors"),
+    )
     twin = groundtruth.random_twin(str(tmp_path), seed=3)
     state, twin_state = trained.state_dict(), twin.state_dict()
     assert state.keys() == twin_state.keys()
     assert all(state[k].shape == twin_state[k].shape for k in state)
     assert not torch.equal(state["visual.proj"], twin_state["visual.proj"])
-    assert torch.equal(twin_state["visual.proj"], groundtruth.random_twin(str(tmp_path), seed=3).state_dict()["visual.proj"])
+    assert torch.equal(
+        twin_state["visual.proj"], groundtruth.random_twin(str(tmp_path), seed=3).state_dict()["visual.proj"]
+    )
     with pytest.raises(FileNotFoundError, match="open_clip_config.json"):
         groundtruth.random_twin(str(tmp_path / "missing"))
 
 
 def test_cue_and_label_signal_separates_a_cue_head_from_a_label_head():
     import clipdecomp
+
     from conftest import tiny_clip
 
     g = torch.Generator().manual_seed(2)
     parts = clipdecomp.decompose(tiny_clip(), torch.randn(80, 3, 32, 32, generator=g))
     label = torch.arange(80) % 2
-    cue = (torch.arange(80) // 2) % 2                  # independent of the label
+    cue = (torch.arange(80) // 2) % 2  # independent of the label
     direction = torch.zeros(24)
     direction[0] = 1.0
     heads = parts.heads.clone()
-    heads[:, 1, 2, 0] = 10.0 * cue                     # L1H2 writes the cue along the direction
-    heads[:, 2, 0, 0] = 10.0 * label                   # L2H0 writes the label
+    heads[:, 1, 2, 0] = 10.0 * cue  # L1H2 writes the cue along the direction
+    heads[:, 2, 0, 0] = 10.0 * label  # L2H0 writes the label
     from dataclasses import replace
+
     parts = replace(parts, heads=heads)
     labels, with_cue, within = spurious.cue_and_label_signal(parts, direction, label, cue)
     assert with_cue[labels.index("L1H2")] > 0.95 and abs(within[labels.index("L1H2")]) < 0.3

@@ -1,16 +1,18 @@
 """Text pools: they load, have the promised sizes and content, and regenerate byte for byte."""
+
 from __future__ import annotations
 
 import importlib.util
 
 import pytest
 import torch
-
 from clipdecomp.pools import POOL_NAMES, load_pool, pools_dir, random_directions
 from clipdecomp.toy import ATTRIBUTES
 
 
-@pytest.mark.parametrize("name,low,high", [("descriptions", 2_500, 3_500), ("words", 3_500, 3_500), ("toy", 300, 600)])
+@pytest.mark.parametrize(
+    "name,low,high", [("descriptions", 2_500, 3_500), ("words", 3_500, 3_500), ("toy", 300, 600)]
+)
 def test_named_pools_load_with_sizes_in_range(name, low, high):
     pool = load_pool(name)
     assert low <= len(pool) <= high
@@ -20,8 +22,16 @@ def test_named_pools_load_with_sizes_in_range(name, low, high):
 
 def test_pool_contents():
     descriptions = load_pool("descriptions")
-    for example in ["A semicircular arch", "Picture taken in Cyprus", "Image with a red color", "The letter A",
-                    "Three dogs", "A watercolor painting", "A photo taken at sunset", "A striped texture"]:
+    for example in [
+        "A semicircular arch",
+        "Picture taken in Cyprus",
+        "Image with a red color",
+        "The letter A",
+        "Three dogs",
+        "A watercolor painting",
+        "A photo taken at sunset",
+        "A striped texture",
+    ]:
         assert example in descriptions
     words = load_pool("words")
     assert words[:3] == ["the", "to", "and"]
@@ -40,8 +50,9 @@ def test_regeneration_matches_the_committed_files(tmp_path):
     spec.loader.exec_module(make_pools)
     make_pools.main(["--out", str(tmp_path)])
     for name in POOL_NAMES:
-        assert (tmp_path / f"{name}.txt").read_bytes() == (pools_dir() / f"{name}.txt").read_bytes(), \
+        assert (tmp_path / f"{name}.txt").read_bytes() == (pools_dir() / f"{name}.txt").read_bytes(), (
             f"{name}.txt is stale: rerun `python data/pools/make_pools.py`"
+        )
 
 
 def test_any_path_loads_and_duplicates_are_dropped_with_a_warning(tmp_path):
@@ -60,7 +71,7 @@ def test_empty_and_missing_pools_raise(tmp_path, monkeypatch):
         load_pool(empty)
     with pytest.raises(FileNotFoundError, match="one text per line"):
         load_pool(tmp_path / "nope.txt")
-    monkeypatch.setenv("CLIPDECOMP_DATA", str(tmp_path))       # a data folder without pools
+    monkeypatch.setenv("CLIPDECOMP_DATA", str(tmp_path))  # a data folder without pools
     with pytest.raises(FileNotFoundError, match="make_pools.py"):
         load_pool("words")
 
@@ -71,6 +82,6 @@ def test_random_directions_are_seeded_unit_vectors():
     torch.testing.assert_close(a.norm(dim=1), torch.ones(500))
     assert torch.equal(a, random_directions(500, 64, seed=3))
     assert not torch.equal(a, random_directions(500, 64, seed=4))
-    assert abs(float(a.mean())) < 0.01          # no preferred direction
+    assert abs(float(a.mean())) < 0.01  # no preferred direction
     with pytest.raises(ValueError, match="n must be an integer >= 1"):
         random_directions(0, 64)

@@ -3,11 +3,10 @@ on the toy model and on tiny Waterbirds and image-folder fixtures."""
 
 from __future__ import annotations
 
+import clipdecomp
 import numpy as np
 import pytest
 import torch
-
-import clipdecomp
 from clipdecomp import retrieval, toy
 from test_cache import tiny_bundle
 from test_datasets import make_folder, make_waterbirds

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from clipdecomp.seg_metrics import (
     SegmentationMeter,
     average_precision,

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import math
 
+import clipdecomp
 import matplotlib
 import pytest
 import torch
-
-import clipdecomp
 from clipdecomp import plots, segmentation, toy
 from clipdecomp.seg_metrics import segmentation_scores
 from clipdecomp.segmentation_eval import REFERENCE, compare, published_table, segmentation_set

@@ -3,12 +3,11 @@ the spatial decomposition, on the toy model and on a tiny ImageNet-segmentation 
 
 from __future__ import annotations
 
+import clipdecomp
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
-import clipdecomp
 from clipdecomp import plots, spatial, toy
 from test_cache import tiny_bundle
 from test_imagenet_seg import ITEMS, write_fixture

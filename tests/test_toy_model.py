@@ -1,4 +1,5 @@
 """The shipped toy CLIP: offline loading, card integrity, reproducible accuracies, training, ground truth."""
+
 from __future__ import annotations
 
 import json
@@ -8,7 +9,6 @@ import numpy as np
 import open_clip
 import pytest
 import torch
-
 from clipdecomp.loading import file_sha256, toy_model_dir
 from clipdecomp.toy import groundtruth, train, world
 from clipdecomp.zero_shot import TOY_TASKS, toy_zero_shot
@@ -46,6 +46,7 @@ def test_architecture_suits_the_decomposition(toy):
 
 def test_weights_rebuild_the_training_architecture(card, toy):
     from safetensors.torch import load_file
+
     model, tokenizer, _ = toy
     rebuilt = train.build_model(card["config"]).eval()
     rebuilt.load_state_dict({k: v.float() for k, v in load_file(TOY / card["weights"]).items()})
@@ -58,6 +59,7 @@ def test_weights_rebuild_the_training_architecture(card, toy):
 
 def test_preprocess_equals_fast_path(toy):
     from PIL import Image
+
     _, _, preprocess = toy
     images = world.sample(4, seed=9, split="uniform").images
     slow = torch.stack([preprocess(Image.fromarray(im)) for im in images])
@@ -105,19 +107,19 @@ def test_groundtruth_scores_find_the_planted_heads():
     attrs = {"colour": rng.integers(0, 6, n), "size": rng.integers(0, 2, n)}
     x = torch.from_numpy(rng.normal(size=(n, layers, heads, d))).float()
     codes = torch.from_numpy(rng.normal(size=(6, d)) * 3).float()
-    x[:, 2, 1] += codes[attrs["colour"]]                    # head (2, 1) writes the colour
-    x[:, 0, 3] = codes[attrs["size"]]                       # head (0, 3) is a function of the size
+    x[:, 2, 1] += codes[attrs["colour"]]  # head (2, 1) writes the colour
+    x[:, 0, 3] = codes[attrs["size"]]  # head (0, 3) is a function of the size
     scores = groundtruth.head_scores(x, attrs, layers=[3, 4, 5], names=["colour", "size"])
     assert scores.scores.shape == (layers, heads, 2) and scores.attributes == ["colour", "size"]
     assert scores.best("colour", 1)[0][:2] == (5, 1) and scores["colour"][2, 1] > 0.8
     assert scores["size"][0, 3] == pytest.approx(1.0, abs=1e-5)
     noise = np.delete(scores["colour"].ravel(), [2 * heads + 1, 3])
-    assert noise.max() < 0.05                               # ~ (classes - 1) / n by chance
-    x[:, 1, 0] = 0                                          # a silent head scores 0, not NaN
+    assert noise.max() < 0.05  # ~ (classes - 1) / n by chance
+    x[:, 1, 0] = 0  # a silent head scores 0, not NaN
     assert groundtruth.head_scores(x, attrs, [3, 4, 5], ["colour", "size"])["colour"][1, 0] == 0
     roles = scores.roles(min_score=0.4, margin=2.0)
     assert roles["L5H1"] == "colour" and roles["L3H3"] == "size"
-    assert sum(role is not None for role in roles.values()) == 2      # noise heads have no clear role
+    assert sum(role is not None for role in roles.values()) == 2  # noise heads have no clear role
     with pytest.raises(ValueError, match="layers"):
         groundtruth.head_scores(x, attrs, layers=[0, 1])
 

@@ -1,9 +1,9 @@
 """The toy world: determinism, formats, ground truth and the spurious-correlation recipe."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from clipdecomp.toy import world
 from clipdecomp.toy.world import ATTRIBUTES, CAPTION_ATTRIBUTES, sample, spurious_split
 
@@ -43,8 +43,8 @@ def test_masks_are_the_object_pixels():
     for i in range(len(s)):
         colour = world.COLOURS_RGB[s.attributes["colour"][i]]
         inside = s.images[i][s.masks[i]].astype(float).mean(0)
-        assert np.abs(inside - colour).max() < 45, i          # object pixels have the object's colour
-        row, col = np.argwhere(s.masks[i]).mean(0)              # the mask sits in its grid cell
+        assert np.abs(inside - colour).max() < 45, i  # object pixels have the object's colour
+        row, col = np.argwhere(s.masks[i]).mean(0)  # the mask sits in its grid cell
         p = s.attributes["position"][i]
         assert abs(row - world.GRID[p // 3]) < 6 and abs(col - world.GRID[p % 3]) < 6
 
@@ -89,7 +89,7 @@ def test_hard_negative_groups_differ_in_their_focus_only():
     for g in range(8):
         rows = np.arange(4 * g, 4 * g + 4)
         fixed = [k for k in CAPTION_ATTRIBUTES if len(np.unique(s.attributes[k][rows])) == 1]
-        assert len(fixed) >= len(CAPTION_ATTRIBUTES) - 2   # the focus (and maybe its label) vary
+        assert len(fixed) >= len(CAPTION_ATTRIBUTES) - 2  # the focus (and maybe its label) vary
         focus = {CAPTION_ATTRIBUTES[c] for c in np.flatnonzero(s.mentions[rows].all(0))}
         varying = set(CAPTION_ATTRIBUTES) - set(fixed) - {"label"}
         assert varying <= focus
@@ -106,6 +106,7 @@ def test_prompts_cover_every_class():
 
 def test_fast_enough():
     import time
+
     start = time.process_time()
     sample(500, seed=0, hard_negatives=0.5)
     assert time.process_time() - start < 2.0
@@ -124,8 +125,8 @@ def test_focus_rates_and_hard_negative_mix():
     assert s.mentions[:, CAPTION_ATTRIBUTES.index("shape")].all()
     groups = sample(4 * 400, seed=13, hard_negatives=1.0, hn_position=0.0, hn_shape=1.0).attributes
     shapes = groups["shape"].reshape(-1, 4)
-    assert (shapes // 3 == shapes[:, :1] // 3).all()                  # the label holds within a group
-    assert np.mean([len(set(row)) > 1 for row in shapes]) > 0.5       # the shape varies
+    assert (shapes // 3 == shapes[:, :1] // 3).all()  # the label holds within a group
+    assert np.mean([len(set(row)) > 1 for row in shapes]) > 0.5  # the shape varies
     with pytest.raises(ValueError, match="shape_rate"):
         sample(4, shape_rate=1.5)
     with pytest.raises(ValueError, match="at most 1"):

@@ -10,6 +10,7 @@ A companion library to the executable book reproducing Gandelsman, Efros & Stein
     >>> bool((parts.total() - bundle.encode_image(images)).abs().max() < 1e-5)   # the parts sum back
     True
 """
+
 from .ablation import intervene, mean_ablate
 from .cache import DecompositionCache, StaleCacheError
 from .datasets import ImageFolderDataset, ToyDataset, WaterbirdsDataset
@@ -24,7 +25,32 @@ from .zero_shot import accuracy, zero_shot_classifier
 
 __version__ = "0.1.0"
 
-__all__ = ["ClipBundle", "Decomposition", "DecompositionCache", "ImageFolderDataset", "StaleCacheError",
-           "TextSpanResult", "Tower", "ToyDataset", "WaterbirdsDataset", "load_pool", "random_directions", "text_span",
-           "text_span_heads", "WeightsUnavailableError", "accuracy", "decompose", "decompose_batches", "intervene", "load", "mean_ablate", "vision_tower",
-           "zero_shot_classifier", "SecondOrder", "SecondOrderStats", "SparseCodes", "omp", "text_dictionary"]
+__all__ = [
+    "ClipBundle",
+    "Decomposition",
+    "DecompositionCache",
+    "ImageFolderDataset",
+    "StaleCacheError",
+    "TextSpanResult",
+    "Tower",
+    "ToyDataset",
+    "WaterbirdsDataset",
+    "load_pool",
+    "random_directions",
+    "text_span",
+    "text_span_heads",
+    "WeightsUnavailableError",
+    "accuracy",
+    "decompose",
+    "decompose_batches",
+    "intervene",
+    "load",
+    "mean_ablate",
+    "vision_tower",
+    "zero_shot_classifier",
+    "SecondOrder",
+    "SecondOrderStats",
+    "SparseCodes",
+    "omp",
+    "text_dictionary",
+]

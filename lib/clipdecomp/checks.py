@@ -6,6 +6,7 @@ not ``1``, ``"12"`` is not the list ``[1, 2]``, and an empty selection is not "e
     >>> check_int("batch_size", 0, minimum=1)
     ValueError: batch_size must be an integer >= 1, got 0.
 """
+
 from __future__ import annotations
 
 import numbers
@@ -26,7 +27,9 @@ def _accepted(minimum: int | None, maximum: int | None) -> str:
 def check_int(name: str, value: object, *, minimum: int | None = None, maximum: int | None = None) -> int:
     """``value`` as an ``int`` if it is an integer (not a bool or float) within ``minimum..maximum``."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be {_accepted(minimum, maximum)}, got {value!r} ({type(value).__name__}).")
+        raise TypeError(
+            f"{name} must be {_accepted(minimum, maximum)}, got {value!r} ({type(value).__name__})."
+        )
     if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
         raise ValueError(f"{name} must be {_accepted(minimum, maximum)}, got {value}.")
     return int(value)
@@ -42,8 +45,10 @@ def check_choice(name: str, value: object, choices: Sequence[str]) -> str:
 def check_texts_list(name: str, value: object) -> list[str]:
     """A list of strings; a bare string (which would iterate as its characters) is refused."""
     if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
-        raise TypeError(f"{name} must be a list of strings, got {type(value).__name__} {value!r:.60}: "
-                        "wrap a single name in a list.")
+        raise TypeError(
+            f"{name} must be a list of strings, got {type(value).__name__} {value!r:.60}: "
+            "wrap a single name in a list."
+        )
     items = list(value)
     wrong = [item for item in items if not isinstance(item, str)]
     if wrong:
@@ -60,5 +65,7 @@ def read_utf8(path: str | Path, what: str = "text file") -> str:
     except UnicodeDecodeError as error:
         line = raw.count(b"\n", 0, error.start) + 1
         column = error.start - (raw.rfind(b"\n", 0, error.start) + 1) + 1
-        raise ValueError(f"The {what} {path} is not UTF-8: line {line}, column {column} holds the byte "
-                         f"0x{raw[error.start]:02x} ({error.reason}). Save the file as UTF-8 and try again.") from None
+        raise ValueError(
+            f"The {what} {path} is not UTF-8: line {line}, column {column} holds the byte "
+            f"0x{raw[error.start]:02x} ({error.reason}). Save the file as UTF-8 and try again."
+        ) from None

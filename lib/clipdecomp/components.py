@@ -15,6 +15,7 @@ label          component                                            emitted by
 Layers, heads and tokens are non-negative and checked against the model: ``L0H-1`` or ``L9H0`` on a
 6-layer model is an error naming the valid range, never the last head by Python's negative indexing.
 """
+
 from __future__ import annotations
 
 import re
@@ -25,8 +26,10 @@ __all__ = ["Component", "parse_label"]
 
 Kind = Literal["embed", "attn", "mlp", "cls", "head", "token", "pool_mlp"]
 
-_GRAMMAR = re.compile(r"^(?:(?P<simple>embed|pool_mlp)|(?P<kind>attn|mlp|cls)_(?P<layer>-?\d+)"
-                      r"|L(?P<hl>-?\d+)H(?P<head>-?\d+)(?:T(?P<token>-?\d+))?)$")
+_GRAMMAR = re.compile(
+    r"^(?:(?P<simple>embed|pool_mlp)|(?P<kind>attn|mlp|cls)_(?P<layer>-?\d+)"
+    r"|L(?P<hl>-?\d+)H(?P<head>-?\d+)(?:T(?P<token>-?\d+))?)$"
+)
 _FORMS = "'embed', 'attn_3', 'mlp_3', 'cls_3', 'L3H1', 'L3H1T5' or 'pool_mlp'"
 
 
@@ -47,8 +50,9 @@ class Component:
         return f"L{self.layer}H{self.head}" + (f"T{self.token}" if self.kind == "token" else "")
 
 
-def parse_label(label: str, n_layers: int | None = None, n_heads: int | None = None,
-                n_tokens: int | None = None) -> Component:
+def parse_label(
+    label: str, n_layers: int | None = None, n_heads: int | None = None, n_tokens: int | None = None
+) -> Component:
     """Parse ``label`` and check its indices against the model's sizes (those given).
 
     Raises:
@@ -67,12 +71,21 @@ def parse_label(label: str, n_layers: int | None = None, n_heads: int | None = N
         component = Component(match["kind"], int(match["layer"]))
     else:
         token = None if match["token"] is None else int(match["token"])
-        component = Component("head" if token is None else "token", int(match["hl"]), int(match["head"]), token)
-    for name, value, size in (("layer", component.layer, n_layers), ("head", component.head, n_heads),
-                              ("token", component.token, n_tokens)):
+        component = Component(
+            "head" if token is None else "token", int(match["hl"]), int(match["head"]), token
+        )
+    for name, value, size in (
+        ("layer", component.layer, n_layers),
+        ("head", component.head, n_heads),
+        ("token", component.token, n_tokens),
+    ):
         if value is None:
             continue
         if value < 0 or (size is not None and value >= size):
-            valid = f"the model has {size} {name}s, valid 0..{size - 1}" if size is not None else "valid: 0 or more"
+            valid = (
+                f"the model has {size} {name}s, valid 0..{size - 1}"
+                if size is not None
+                else "valid: 0 or more"
+            )
             raise IndexError(f"{label}: {name} {value} is out of range ({valid}).")
     return component

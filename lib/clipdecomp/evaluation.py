@@ -14,6 +14,7 @@ Example:
     >>> sorted(accuracy) == sorted(TOY_TASKS) and all(0 <= a <= 1 for a in accuracy.values())
     True
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -57,7 +58,10 @@ class EvaluationSet:
 
     def labels(self) -> dict[str, torch.Tensor]:
         """Task -> [n] integer labels of the scored images, in order."""
-        return {task: torch.as_tensor(self.dataset.labels[key][self.indices]) for task, key in self.label_keys.items()}
+        return {
+            task: torch.as_tensor(self.dataset.labels[key][self.indices])
+            for task, key in self.label_keys.items()
+        }
 
     def accuracies(self, embeddings: torch.Tensor) -> dict[str, float]:
         """Zero-shot top-1 accuracy (fraction) of [n, d'] embeddings of these images, per task."""
@@ -71,12 +75,20 @@ class EvaluationSet:
         return sum(scores.values()) / len(scores)
 
     def batches(self, batch_size: int = 64) -> torch.utils.data.DataLoader:
-        """The preprocessed images in order, ``batch_size`` at a time; re-iterable (for :func:`~clipdecomp.intervene`)."""
+        """The preprocessed images in order, ``batch_size`` at a time; re-iterable
+        (for :func:`~clipdecomp.intervene`)."""
         subset = torch.utils.data.Subset(self.dataset, self.indices.tolist())
         return torch.utils.data.DataLoader(subset, batch_size=batch_size, collate_fn=_stack_images)
 
-    def decompose(self, bundle: ClipBundle, cache_dir: str | Path, *, layers: Sequence[int] | None = None,
-                  batch_size: int = 64, progress: bool = True) -> DecompositionCache:
+    def decompose(
+        self,
+        bundle: ClipBundle,
+        cache_dir: str | Path,
+        *,
+        layers: Sequence[int] | None = None,
+        batch_size: int = 64,
+        progress: bool = True,
+    ) -> DecompositionCache:
         """Decompose the images into a cache folder under ``cache_dir`` (``layers`` keep per-head detail).
 
         The folder's name is derived from the model, the images and ``layers``: the same call reuses a
@@ -84,28 +96,52 @@ class EvaluationSet:
         """
         head_layers = _check_layers(layers, bundle.n_layers)
         folder = cache_folder(cache_dir, self.name, bundle, self.dataset, head_layers, self.indices)
-        return DecompositionCache.build(bundle, self.dataset, folder, indices=self.indices, layers=head_layers,
-                                        batch_size=batch_size, progress=progress)
+        return DecompositionCache.build(
+            bundle,
+            self.dataset,
+            folder,
+            indices=self.indices,
+            layers=head_layers,
+            batch_size=batch_size,
+            progress=progress,
+        )
 
 
-def cache_folder(cache_dir: str | Path, name: str, bundle: ClipBundle, dataset: DecomposableDataset,
-                 layers: Sequence[int], indices: np.ndarray | None = None) -> Path:
+def cache_folder(
+    cache_dir: str | Path,
+    name: str,
+    bundle: ClipBundle,
+    dataset: DecomposableDataset,
+    layers: Sequence[int],
+    indices: np.ndarray | None = None,
+) -> Path:
     """The folder under ``cache_dir`` for one decomposition: named from the model (spec and weights), the
     images and the layers, so the same inputs find their cache again and different ones (e.g. retrained
     weights) get a fresh folder instead of a stale-cache error."""
-    inputs = {"model": bundle.spec, "weights": bundle.weights_sha256, "dataset": dataset.content_key(),
-              "layers": list(layers),
-              "indices": None if indices is None else hashlib.sha256(np.asarray(indices, np.int64).tobytes()).hexdigest()}
+    inputs = {
+        "model": bundle.spec,
+        "weights": bundle.weights_sha256,
+        "dataset": dataset.content_key(),
+        "layers": list(layers),
+        "indices": None
+        if indices is None
+        else hashlib.sha256(np.asarray(indices, np.int64).tobytes()).hexdigest(),
+    }
     digest = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:12]
-    return Path(cache_dir) / f"{name}-{bundle.spec.replace('/', '_')}-{len(dataset) if indices is None else len(indices)}-{digest}"
+    return (
+        Path(cache_dir)
+        / f"{name}-{bundle.spec.replace('/', '_')}-{len(dataset) if indices is None else len(indices)}-"
+        f"{digest}"
+    )
 
 
 def _stack_images(items: list[tuple]) -> torch.Tensor:
     return torch.stack([item[0] for item in items])
 
 
-def evaluation_set(bundle: ClipBundle, dataset: str | Path, n_images: int, seed: int = 0,
-                   part: int = 0) -> EvaluationSet:
+def evaluation_set(
+    bundle: ClipBundle, dataset: str | Path, n_images: int, seed: int = 0, part: int = 0
+) -> EvaluationSet:
     """The chapters' zero-shot evaluation images: ``"toy"`` or an ImageNet validation folder.
 
     Args:
@@ -121,16 +157,26 @@ def evaluation_set(bundle: ClipBundle, dataset: str | Path, n_images: int, seed:
         raise ValueError(f"n_images must be positive and part non-negative, got {n_images} and {part}.")
     if str(dataset) == "toy":
         data = ToyDataset(n_images, seed=seed + part, preprocess=bundle.preprocess, split="uniform")
-        return EvaluationSet("toy", data, np.arange(n_images), toy_classifiers(bundle),
-                             {task: task for task in TOY_TASKS})
+        return EvaluationSet(
+            "toy", data, np.arange(n_images), toy_classifiers(bundle), {task: task for task in TOY_TASKS}
+        )
     data = ImageFolderDataset(dataset, bundle.preprocess)
     if len(data.classes) != len(IMAGENET_CLASSNAMES):
-        raise ValueError(f"{data.root} has {len(data.classes)} class folders; the ImageNet task needs all "
-                         f"{len(IMAGENET_CLASSNAMES)} validation classes, one folder per wnid (n01440764, ...).")
+        raise ValueError(
+            f"{data.root} has {len(data.classes)} class folders; the ImageNet task needs all "
+            f"{len(IMAGENET_CLASSNAMES)} validation classes, one folder per wnid (n01440764, ...)."
+        )
     if (part + 1) * n_images > len(data):
-        raise ValueError(f"{data.root} holds {len(data)} readable images, too few for part {part} of "
-                         f"{n_images} images: lower n_images.")
+        raise ValueError(
+            f"{data.root} holds {len(data)} readable images, too few for part {part} of "
+            f"{n_images} images: lower n_images."
+        )
     order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed)).numpy()
     classifier = zero_shot_classifier(bundle, IMAGENET_CLASSNAMES, progress=True)
-    return EvaluationSet(Path(data.root).name, data, order[part * n_images:(part + 1) * n_images],
-                         {"imagenet": classifier}, {"imagenet": "label"})
+    return EvaluationSet(
+        Path(data.root).name,
+        data,
+        order[part * n_images : (part + 1) * n_images],
+        {"imagenet": classifier},
+        {"imagenet": "label"},
+    )

@@ -5,6 +5,7 @@ mean-ablating it, its nearest neighbours for the image (retrieval by that head),
 the text. Every state is precomputed and stored as widgets; the dropdowns switch between them with
 ``jslink`` in the browser, so the same widget responds live in Jupyter/Colab and in the saved HTML.
 """
+
 from __future__ import annotations
 
 import base64
@@ -60,9 +61,17 @@ def _strip(images: Sequence[np.ndarray], scale: int) -> np.ndarray:
     return np.kron(row, np.ones((scale, scale, 1), np.uint8))
 
 
-def build_explorer(images: np.ndarray, queries: Sequence[int], spatial_parts: Decomposition,
-                   head_terms: dict[str, torch.Tensor], cards: Sequence[HeadCard], texts: Sequence[str],
-                   text_embeddings: torch.Tensor, k: int = 5, scale: int = 2) -> widgets.Widget:
+def build_explorer(
+    images: np.ndarray,
+    queries: Sequence[int],
+    spatial_parts: Decomposition,
+    head_terms: dict[str, torch.Tensor],
+    cards: Sequence[HeadCard],
+    texts: Sequence[str],
+    text_embeddings: torch.Tensor,
+    k: int = 5,
+    scale: int = 2,
+) -> widgets.Widget:
     """Precompute every (head, image, text) state and wire the dropdowns to them client-side.
 
     Args:
@@ -75,33 +84,59 @@ def build_explorer(images: np.ndarray, queries: Sequence[int], spatial_parts: De
         texts: the texts offered for heatmaps; ``text_embeddings`` [T, d'] their embeddings.
     """
     size = images.shape[1:3]
-    image_choice = widgets.Dropdown(options=[(f"image {q}", i) for i, q in enumerate(queries)], description="image")
-    head_choice = widgets.Dropdown(options=[(card.label, i) for i, card in enumerate(cards)], description="head")
+    image_choice = widgets.Dropdown(
+        options=[(f"image {q}", i) for i, q in enumerate(queries)], description="image"
+    )
+    head_choice = widgets.Dropdown(
+        options=[(card.label, i) for i, card in enumerate(cards)], description="head"
+    )
     text_choice = widgets.Dropdown(options=[(text, i) for i, text in enumerate(texts)], description="text")
     head_pages = []
     for card in cards:
-        maps = [heatmap(spatial_parts, text_embeddings[t], size, heads=[card.label]).cpu().numpy()
-                for t in range(len(texts))]
+        maps = [
+            heatmap(spatial_parts, text_embeddings[t], size, heads=[card.label]).cpu().numpy()
+            for t in range(len(texts))
+        ]
         per_image = []
         for row, query in enumerate(queries):
-            heat_stack = widgets.Stack([
-                _picture(_overlay(images[query], maps[t][row], 2 * scale),
-                         f"Image {query} tinted by {card.label}'s heatmap for '{texts[t]}': red towards the text, "
-                         "blue away from it.")
-                for t in range(len(texts))], selected_index=0)
+            heat_stack = widgets.Stack(
+                [
+                    _picture(
+                        _overlay(images[query], maps[t][row], 2 * scale),
+                        f"Image {query} tinted by {card.label}'s heatmap for '{texts[t]}': "
+                        "red towards the text, "
+                        "blue away from it.",
+                    )
+                    for t in range(len(texts))
+                ],
+                selected_index=0,
+            )
             widgets.jslink((text_choice, "index"), (heat_stack, "selected_index"))
             neighbours = nearest(head_terms[card.label], query, k=k).tolist()
-            strip = _picture(_strip([images[query]] + [images[i] for i in neighbours], scale),
-                             f"Image {query}, then the {k} gallery images closest to it in {card.label}'s output.")
-            per_image.append(widgets.HBox([
-                widgets.VBox([widgets.HTML("<b>heatmap for the text</b>"), heat_stack]),
-                widgets.VBox([widgets.HTML(f"<b>query, then its {k} nearest images for {card.label}</b>"), strip])]))
+            strip = _picture(
+                _strip([images[query]] + [images[i] for i in neighbours], scale),
+                f"Image {query}, then the {k} gallery images closest to it in {card.label}'s output.",
+            )
+            per_image.append(
+                widgets.HBox(
+                    [
+                        widgets.VBox([widgets.HTML("<b>heatmap for the text</b>"), heat_stack]),
+                        widgets.VBox(
+                            [
+                                widgets.HTML(f"<b>query, then its {k} nearest images for {card.label}</b>"),
+                                strip,
+                            ]
+                        ),
+                    ]
+                )
+            )
         image_stack = widgets.Stack(per_image, selected_index=0)
         widgets.jslink((image_choice, "index"), (image_stack, "selected_index"))
         accuracy = ", ".join(f"{task} {100 * value:.1f}%" for task, value in card.ablated_accuracy.items())
         summary = widgets.HTML(
             f"<p><b>{card.label}</b> TEXT SPAN: " + "; ".join(html.escape(t) for t in card.texts) + "</p>"
-            f"<p>Zero-shot accuracy with {card.label} mean-ablated: {html.escape(accuracy)}</p>")
+            f"<p>Zero-shot accuracy with {card.label} mean-ablated: {html.escape(accuracy)}</p>"
+        )
         head_pages.append(widgets.VBox([summary, image_stack]))
     pages = widgets.Stack(head_pages, selected_index=0)
     widgets.jslink((head_choice, "index"), (pages, "selected_index"))

@@ -35,7 +35,8 @@ MaskHandling = Literal["aligned", "authors"]
 
 HOW_TO_GET = (
     "ImageNet-segmentation is one file, gtsegs_ijcv.mat (Guillaumin et al., IJCV 2014, as distributed by "
-    "Chefer et al. 2021). Download it from http://calvin-vision.net/bigstuff/proj-imagenet/data/gtsegs_ijcv.mat "
+    "Chefer et al. 2021). Download it from "
+    "http://calvin-vision.net/bigstuff/proj-imagenet/data/gtsegs_ijcv.mat "
     "on a machine with internet access and pass its path (e.g. seg_path='/data/gtsegs_ijcv.mat')."
 )
 

@@ -1,4 +1,5 @@
 """Helpers shared by every chapter's standard setup cell: seeding, device choice, versions, images."""
+
 from __future__ import annotations
 
 import platform
@@ -32,8 +33,11 @@ def setup(seed: int = 0) -> None:
     sns.set_theme(context="notebook", style="whitegrid")
     plt.rcParams.update({"figure.dpi": 100, "savefig.bbox": "tight", "figure.facecolor": "white"})
     accelerator = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "CPU"
-    print(f"clipdecomp {clipdecomp.__version__} | torch {torch.__version__} | open_clip {open_clip.__version__} "
-          f"| python {platform.python_version()} | {accelerator}")
+    print(
+        f"clipdecomp {clipdecomp.__version__} | torch {torch.__version__} "
+        f"| open_clip {open_clip.__version__} "
+        f"| python {platform.python_version()} | {accelerator}"
+    )
 
 
 def sample_photo(name: str = "astronaut") -> Image.Image:
@@ -41,5 +45,7 @@ def sample_photo(name: str = "astronaut") -> Image.Image:
     from skimage import data
 
     if not hasattr(data, name):
-        raise ValueError(f"scikit-image has no sample image {name!r}; try 'astronaut', 'chelsea' or 'coffee'.")
+        raise ValueError(
+            f"scikit-image has no sample image {name!r}; try 'astronaut', 'chelsea' or 'coffee'."
+        )
     return Image.fromarray(getattr(data, name)()).convert("RGB")

@@ -4,6 +4,7 @@ The package is installed in editable mode from ``lib/``, so the repository is tw
 it. ``$CLIPDECOMP_DATA`` points the data (the toy model, the text pools) elsewhere, e.g. on Colab
 where only the package is installed.
 """
+
 from __future__ import annotations
 
 import os

@@ -4,6 +4,7 @@ Chapters call these so that their cells show the experiment, not the plotting co
 takes the library's result objects (or plain tensors) and draws them with matplotlib's defaults as
 set by :func:`clipdecomp.notebook.setup`.
 """
+
 from __future__ import annotations
 
 import math
@@ -18,12 +19,29 @@ from .segmentation_eval import Comparison
 from .spatial import ContrastSet
 from .spurious import GroupReport, SpuriousComparison, SpuriousTask
 
-__all__ = ["image_strip", "head_choice", "cue_and_label", "group_bars", "reconstruction_curve", "explained_variance",
-           "pictures", "percent", "overlay", "head_score_maps", "neighbour_gallery", "text_maps",
-           "contrastive_maps", "head_grid", "image_maps", "segmentation_gallery"]
+__all__ = [
+    "image_strip",
+    "head_choice",
+    "cue_and_label",
+    "group_bars",
+    "reconstruction_curve",
+    "explained_variance",
+    "pictures",
+    "percent",
+    "overlay",
+    "head_score_maps",
+    "neighbour_gallery",
+    "text_maps",
+    "contrastive_maps",
+    "head_grid",
+    "image_maps",
+    "segmentation_gallery",
+]
 
 
-def image_strip(images: np.ndarray | Sequence[np.ndarray], titles: Sequence[str] = (), size: float = 1.5) -> plt.Figure:
+def image_strip(
+    images: np.ndarray | Sequence[np.ndarray], titles: Sequence[str] = (), size: float = 1.5
+) -> plt.Figure:
     """A row of images (uint8 [H, W, 3] each) with optional titles."""
     fig, axes = plt.subplots(1, len(images), figsize=(size * len(images), size + 0.3), squeeze=False)
     for i, ax in enumerate(axes[0]):
@@ -39,8 +57,14 @@ def head_choice(result: SpuriousComparison) -> plt.Figure:
     n_chosen = len(result.chosen)
     fig, axes = plt.subplots(1, 2, figsize=(12, 3.4))
     fractions = [f for _, f in result.ranked]
-    axes[0].bar(range(len(fractions)), fractions, color=["C3" if i < n_chosen else "C0" for i in range(len(fractions))])
-    axes[0].set_xticks(range(len(fractions)), [f"L{l}H{h}" for (l, h), _ in result.ranked], rotation=90, fontsize=7)
+    axes[0].bar(
+        range(len(fractions)),
+        fractions,
+        color=["C3" if i < n_chosen else "C0" for i in range(len(fractions))],
+    )
+    axes[0].set_xticks(
+        range(len(fractions)), [f"L{l}H{h}" for (l, h), _ in result.ranked], rotation=90, fontsize=7
+    )
     axes[0].set_ylabel("variance fraction in the concept span")
     axes[0].set_title("Heads ranked by the cue's concept (validation); red: chosen")
     counts = list(result.val_scores)
@@ -67,7 +91,9 @@ def cue_and_label(task: SpuriousTask, chosen: Sequence[tuple[int, int]]) -> plt.
     ax.axvline(0, color="gray", lw=0.8)
     ax.set_xlabel("correlation with the cue (place)")
     ax.set_ylabel("correlation with the label, within place")
-    ax.set_title("Each component's share of the logit difference (red: chosen heads; grey: layers, MLPs)", fontsize=9)
+    ax.set_title(
+        "Each component's share of the logit difference (red: chosen heads; grey: layers, MLPs)", fontsize=9
+    )
     return fig
 
 
@@ -80,15 +106,20 @@ def group_bars(reports: dict[str, GroupReport], group_names: Sequence[str]) -> p
         values = np.array([100 * report.per_group[g] for g in groups])
         low = np.array([100 * report.per_group_ci[g][0] for g in groups])
         high = np.array([100 * report.per_group_ci[g][1] for g in groups])
-        ax.bar(np.arange(len(groups)) + (k - (len(reports) - 1) / 2) * width, values, width,
-               yerr=[values - low, high - values], capsize=3, label=name)
+        ax.bar(
+            np.arange(len(groups)) + (k - (len(reports) - 1) / 2) * width,
+            values,
+            width,
+            yerr=[values - low, high - values],
+            capsize=3,
+            label=name,
+        )
     ax.set_xticks(range(len(group_names)), group_names)
     ax.set_ylabel("test accuracy (%)")
     ax.set_ylim(0, 105)
     ax.legend(loc="lower right")
     ax.set_title("Per-group accuracy with 95% bootstrap intervals")
     return fig
-
 
 
 def reconstruction_curve(curve: "pd.DataFrame", intact: float) -> plt.Figure:  # noqa: F821
@@ -112,7 +143,9 @@ def explained_variance(spans_by_pool: dict) -> plt.Figure:
     for pool, results in spans_by_pool.items():
         steps = min(len(r.cumulative_explained) for r in results.values())
         mean_curve = torch.stack([r.cumulative_explained[:steps] for r in results.values()]).mean(0)
-        ax.plot(range(1, steps + 1), 100 * mean_curve.numpy(), label=pool, ls="--" if pool == "random" else "-")
+        ax.plot(
+            range(1, steps + 1), 100 * mean_curve.numpy(), label=pool, ls="--" if pool == "random" else "-"
+        )
     ax.set_xlabel("texts picked")
     ax.set_ylabel("variance explained (%)")
     ax.set_title("Mean over heads")
@@ -129,8 +162,9 @@ def pictures(preprocess: Callable, images: torch.Tensor) -> np.ndarray:
     images = images[None] if images.ndim == 3 else images
     normalise = next((t for t in getattr(preprocess, "transforms", []) if isinstance(t, Normalize)), None)
     if normalise is not None:
-        mean, std = (torch.tensor(v, dtype=torch.float32).view(1, 3, 1, 1)
-                     for v in (normalise.mean, normalise.std))
+        mean, std = (
+            torch.tensor(v, dtype=torch.float32).view(1, 3, 1, 1) for v in (normalise.mean, normalise.std)
+        )
         images = images * std + mean
     return images.clamp(0, 1).permute(0, 2, 3, 1).numpy()
 
@@ -140,14 +174,26 @@ def percent(value: float | None, digits: int = 1) -> str:
     return "n/a" if value is None or math.isnan(value) else f"{value:.{digits}%}"
 
 
-def overlay(ax: plt.Axes, image: np.ndarray, heat: torch.Tensor | np.ndarray, alpha: float = 0.55,
-            cmap: str = "RdBu_r", title: str | None = None) -> None:
+def overlay(
+    ax: plt.Axes,
+    image: np.ndarray,
+    heat: torch.Tensor | np.ndarray,
+    alpha: float = 0.55,
+    cmap: str = "RdBu_r",
+    title: str | None = None,
+) -> None:
     """Draw ``heat`` ([H, W]) over ``image`` on an axis, on a colour scale symmetric around 0."""
     heat = heat.detach().cpu().numpy() if isinstance(heat, torch.Tensor) else np.asarray(heat)
     limit = float(np.abs(heat).max()) or 1.0
     ax.imshow(image)
-    ax.imshow(heat, cmap=cmap, alpha=alpha, vmin=-limit, vmax=limit,
-              extent=(-0.5, image.shape[1] - 0.5, image.shape[0] - 0.5, -0.5))
+    ax.imshow(
+        heat,
+        cmap=cmap,
+        alpha=alpha,
+        vmin=-limit,
+        vmax=limit,
+        extent=(-0.5, image.shape[1] - 0.5, image.shape[0] - 0.5, -0.5),
+    )
     ax.set_axis_off()
     if title:
         ax.set_title(title, fontsize=9)
@@ -163,9 +209,14 @@ def head_score_maps(evaluation: RetrievalEvaluation) -> plt.Figure:
     properties, layers = evaluation.properties, list(evaluation.head_layers)
     fig, axes = _grid(2, len(properties), 4.0, 3.2)
     for c, p in enumerate(properties):
-        rows = ((evaluation.scores[p], "ground truth: share of variance", evaluation.chosen[p]),
-                (evaluation.agreement[p].numpy(), f"retrieval agreement@{evaluation.k}",
-                 evaluation.best_retrieval[p]))
+        rows = (
+            (evaluation.scores[p], "ground truth: share of variance", evaluation.chosen[p]),
+            (
+                evaluation.agreement[p].numpy(),
+                f"retrieval agreement@{evaluation.k}",
+                evaluation.best_retrieval[p],
+            ),
+        )
         for r, (table, title, (layer, head)) in enumerate(rows):
             ax = axes[r, c]
             shown = ax.imshow(table, cmap="viridis", aspect="auto")
@@ -273,8 +324,9 @@ def image_maps(images: np.ndarray, maps: torch.Tensor, title: str) -> plt.Figure
     return fig
 
 
-def segmentation_gallery(comparison: Comparison, class_names: Sequence[str],
-                         preprocess: Callable) -> plt.Figure:
+def segmentation_gallery(
+    comparison: Comparison, class_names: Sequence[str], preprocess: Callable
+) -> plt.Figure:
     """One row per gallery image: the image with its mask outlined and its predicted class, then each
     method's map (0 to 1) with the mask outline on top."""
     gallery, methods = comparison.gallery, comparison.methods
@@ -319,8 +371,10 @@ def toy_gallery(samples: "ToySamples", n: int = 8, masks: bool = False) -> plt.F
         top.imshow(samples.images[i])
         bottom.imshow(samples.masks[i] if masks else samples.images[n + i], cmap="gray" if masks else None)
         if masks:
-            top.set_title(", ".join(v for k, v in samples.describe(i).items() if k in ("shape", "colour", "position")),
-                          fontsize=7)
+            top.set_title(
+                ", ".join(v for k, v in samples.describe(i).items() if k in ("shape", "colour", "position")),
+                fontsize=7,
+            )
         else:
             for ax, caption in ((top, samples.captions[i]), (bottom, samples.captions[n + i])):
                 ax.set_title(caption if len(caption) < 28 else caption[:26] + "...", fontsize=6)
@@ -336,7 +390,11 @@ def training_curve(card: dict) -> plt.Figure:
     import pandas as pd
 
     curve = pd.DataFrame(card["curve"]).set_index("step")
-    tasks = [t for t in ("colour", "background", "shape", "position", "size", "spurious", "spurious_worst") if t in curve]
+    tasks = [
+        t
+        for t in ("colour", "background", "shape", "position", "size", "spurious", "spurious_worst")
+        if t in curve
+    ]
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.4))
     axes[0].plot(curve.index, curve["loss"])
     axes[0].set_title("training loss")
@@ -358,8 +416,10 @@ def layer_contributions(parts: "Decomposition", embedding: "torch.Tensor", title
     attn = [i for i, name in enumerate(labels) if name.startswith("attn")]
     mlp = [i for i, name in enumerate(labels) if name.startswith("mlp")]
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.2), sharex=True)
-    for ax, values, name in ((axes[0], norms, "norm of the direct contribution"),
-                             (axes[1], along, "contribution along the embedding")):
+    for ax, values, name in (
+        (axes[0], norms, "norm of the direct contribution"),
+        (axes[1], along, "contribution along the embedding"),
+    ):
         ax.plot(range(len(attn)), values[attn], "o-", label="attention layer")
         ax.plot(range(len(mlp)), values[mlp], "s--", label="MLP")
         ax.axhline(values[0], color="gray", lw=1, ls=":", label="CLS embedding")

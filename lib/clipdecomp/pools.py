@@ -15,6 +15,7 @@ A pool is a plain UTF-8 text file, one text per line. Three ship in ``data/pools
     >>> len(result.texts(pool))
     3
 """
+
 from __future__ import annotations
 
 import warnings
@@ -45,20 +46,28 @@ def load_pool(name_or_path: str | Path) -> list[str]:
     raises an error.
     """
     if not isinstance(name_or_path, (str, Path)):
-        raise TypeError(f"load_pool takes a pool name {POOL_NAMES} or a file path, got {type(name_or_path).__name__}.")
+        raise TypeError(
+            f"load_pool takes a pool name {POOL_NAMES} or a file path, got {type(name_or_path).__name__}."
+        )
     if str(name_or_path) in POOL_NAMES:
         path = pools_dir() / f"{name_or_path}.txt"
         if not path.is_file():
-            raise FileNotFoundError(f"Pool {name_or_path!r} is missing at {path}; regenerate the pools with "
-                                    "`python data/pools/make_pools.py` (or restore data/pools from git).")
+            raise FileNotFoundError(
+                f"Pool {name_or_path!r} is missing at {path}; regenerate the pools with "
+                "`python data/pools/make_pools.py` (or restore data/pools from git)."
+            )
     else:
         path = Path(name_or_path).expanduser()
         if path.is_dir():
-            raise IsADirectoryError(f"{path} is a folder; give one of {POOL_NAMES} or the path of a UTF-8 text "
-                                    "file with one text per line.")
+            raise IsADirectoryError(
+                f"{path} is a folder; give one of {POOL_NAMES} or the path of a UTF-8 text "
+                "file with one text per line."
+            )
         if not path.is_file():
-            raise FileNotFoundError(f"No pool file at {path}; give one of {POOL_NAMES} or the path of a "
-                                    "UTF-8 text file with one text per line.")
+            raise FileNotFoundError(
+                f"No pool file at {path}; give one of {POOL_NAMES} or the path of a "
+                "UTF-8 text file with one text per line."
+            )
     lines = [line.strip() for line in read_utf8(path, "text pool").splitlines()]
     texts = [line for line in lines if line]
     if not texts:
@@ -66,8 +75,11 @@ def load_pool(name_or_path: str | Path) -> list[str]:
     unique = list(dict.fromkeys(texts))
     if len(unique) < len(texts):
         repeated = sorted(t for t, count in Counter(texts).items() if count > 1)
-        warnings.warn(f"{path.name}: dropped {len(texts) - len(unique)} repeated lines "
-                      f"(e.g. {repeated[:3]}); kept the first copy of each.", stacklevel=2)
+        warnings.warn(
+            f"{path.name}: dropped {len(texts) - len(unique)} repeated lines "
+            f"(e.g. {repeated[:3]}); kept the first copy of each.",
+            stacklevel=2,
+        )
     return unique
 
 

@@ -15,6 +15,7 @@ cold vs warm backgrounds) or for a Waterbirds folder behind one call, and
     >>> result.base.worst_group <= result.base.average
     True
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -29,19 +30,55 @@ from .decomposition import Decomposition
 from .loading import ClipBundle
 from .zero_shot import OPENAI_IMAGENET_TEMPLATES, group_accuracy, zero_shot_classifier
 
-__all__ = ["AUTHORS_HEADS", "GroupReport", "SpuriousComparison", "SpuriousSplit", "SpuriousTask", "choose_head_count",
-           "cue_and_label_signal", "group_report", "random_head_sets", "rank_heads_by_concept", "spurious_task"]
+__all__ = [
+    "AUTHORS_HEADS",
+    "GroupReport",
+    "SpuriousComparison",
+    "SpuriousSplit",
+    "SpuriousTask",
+    "choose_head_count",
+    "cue_and_label_signal",
+    "group_report",
+    "random_head_sets",
+    "rank_heads_by_concept",
+    "spurious_task",
+]
 
 AUTHORS_HEADS: dict[str, list[tuple[int, int]]] = {
     "ViT-B-16": [(11, 3), (10, 11), (10, 10), (9, 8), (9, 6), (11, 6), (11, 0)],
-    "ViT-L-14": [(21, 1), (22, 12), (22, 13), (21, 11), (21, 14), (23, 6), (21, 3), (21, 6), (21, 8), (21, 13),
-                 (22, 2), (22, 15), (23, 1), (23, 3), (23, 5)],
+    "ViT-L-14": [
+        (21, 1),
+        (22, 12),
+        (22, 13),
+        (21, 11),
+        (21, 14),
+        (23, 6),
+        (21, 3),
+        (21, 6),
+        (21, 8),
+        (21, 13),
+        (22, 2),
+        (22, 15),
+        (23, 1),
+        (23, 3),
+        (23, 5),
+    ],
     "ViT-H-14": [(31, 12), (30, 11), (29, 4), (31, 8), (30, 15), (30, 12), (30, 6), (29, 14), (29, 8)],
 }
 """The authors' Waterbirds head lists per architecture, (layer, head), 0-based (PAPER.md)."""
 
-WATERBIRDS_PLACES = ["ocean", "lake", "river", "beach", "sea", "forest", "bamboo forest", "woods", "grass field",
-                     "mountains"]
+WATERBIRDS_PLACES = [
+    "ocean",
+    "lake",
+    "river",
+    "beach",
+    "sea",
+    "forest",
+    "bamboo forest",
+    "woods",
+    "grass field",
+    "mountains",
+]
 """Place names spanning the Waterbirds "place" concept (real mode)."""
 
 
@@ -59,11 +96,15 @@ class GroupReport:
     def row(self) -> dict[str, str]:
         """Percentages with intervals, for a table."""
         fmt = lambda v, ci: f"{v:.1%} [{ci[0]:.1%}, {ci[1]:.1%}]"  # noqa: E731
-        return {"average": fmt(self.average, self.average_ci), "worst group": fmt(self.worst_group, self.worst_group_ci)}
+        return {
+            "average": fmt(self.average, self.average_ci),
+            "worst group": fmt(self.worst_group, self.worst_group_ci),
+        }
 
 
-def group_report(predictions: torch.Tensor, labels: torch.Tensor, groups: torch.Tensor,
-                 n_boot: int = 1000, seed: int = 0) -> GroupReport:
+def group_report(
+    predictions: torch.Tensor, labels: torch.Tensor, groups: torch.Tensor, n_boot: int = 1000, seed: int = 0
+) -> GroupReport:
     """Average, worst-group and per-group accuracy, with percentile bootstrap CIs resampled within groups."""
     correct = (predictions.cpu() == labels.cpu()).numpy().astype(float)
     groups = groups.cpu().numpy()
@@ -82,13 +123,19 @@ def group_report(predictions: torch.Tensor, labels: torch.Tensor, groups: torch.
     boot_worst = np.min(np.stack([boot_group[g] for g in ids]), axis=0)
     ci = lambda values: (float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5)))  # noqa: E731
     per_group = {g: float(correct[members[g]].mean()) for g in ids}
-    return GroupReport(average=float(correct.mean()), average_ci=ci(boot_average),
-                       worst_group=min(per_group.values()), worst_group_ci=ci(boot_worst),
-                       per_group=per_group, per_group_ci={g: ci(boot_group[g]) for g in ids})
+    return GroupReport(
+        average=float(correct.mean()),
+        average_ci=ci(boot_average),
+        worst_group=min(per_group.values()),
+        worst_group_ci=ci(boot_worst),
+        per_group=per_group,
+        per_group_ci={g: ci(boot_group[g]) for g in ids},
+    )
 
 
-def rank_heads_by_concept(head_terms: torch.Tensor, concept: torch.Tensor,
-                          head_layers: Sequence[int]) -> list[tuple[tuple[int, int], float]]:
+def rank_heads_by_concept(
+    head_terms: torch.Tensor, concept: torch.Tensor, head_layers: Sequence[int]
+) -> list[tuple[tuple[int, int], float]]:
     """Rank heads by the fraction of their variance that lies in the span of ``concept`` directions.
 
     Args:
@@ -98,18 +145,24 @@ def rank_heads_by_concept(head_terms: torch.Tensor, concept: torch.Tensor,
     Returns:
         ``[((layer, head), fraction), ...]`` sorted from the most concept-laden head.
     """
-    basis = torch.linalg.qr(concept.T.to(head_terms)).Q                     # [d', k] orthonormal span
+    basis = torch.linalg.qr(concept.T.to(head_terms)).Q  # [d', k] orthonormal span
     centred = head_terms - head_terms.mean(0)
     total = centred.pow(2).sum((0, -1))
     inside = (centred @ basis).pow(2).sum((0, -1))
     fraction = (inside / total.clamp_min(1e-12)).cpu()
-    ranked = [((head_layers[i], h), float(fraction[i, h])) for i in range(fraction.shape[0])
-              for h in range(fraction.shape[1])]
+    ranked = [
+        ((head_layers[i], h), float(fraction[i, h]))
+        for i in range(fraction.shape[0])
+        for h in range(fraction.shape[1])
+    ]
     return sorted(ranked, key=lambda item: -item[1])
 
 
-def choose_head_count(ranked: Sequence[tuple[int, int]], worst_group_accuracy: Callable[[list[tuple[int, int]]], float],
-                      counts: Sequence[int]) -> tuple[int, dict[int, float]]:
+def choose_head_count(
+    ranked: Sequence[tuple[int, int]],
+    worst_group_accuracy: Callable[[list[tuple[int, int]]], float],
+    counts: Sequence[int],
+) -> tuple[int, dict[int, float]]:
     """Pick how many top-ranked heads to ablate by worst-group accuracy on a VALIDATION split.
 
     ``worst_group_accuracy(heads)`` must evaluate on validation data only; the test split is never
@@ -120,10 +173,15 @@ def choose_head_count(ranked: Sequence[tuple[int, int]], worst_group_accuracy: C
     return min(k for k, v in scores.items() if v == best), scores
 
 
-def random_head_sets(all_heads: Sequence[tuple[int, int]], k: int, trials: int = 5, seed: int = 0) -> list[list[tuple[int, int]]]:
+def random_head_sets(
+    all_heads: Sequence[tuple[int, int]], k: int, trials: int = 5, seed: int = 0
+) -> list[list[tuple[int, int]]]:
     """``trials`` random sets of ``k`` distinct heads: the baseline for any head selection."""
     rng = np.random.default_rng(seed)
-    return [[tuple(all_heads[i]) for i in rng.choice(len(all_heads), size=k, replace=False)] for _ in range(trials)]
+    return [
+        [tuple(all_heads[i]) for i in rng.choice(len(all_heads), size=k, replace=False)]
+        for _ in range(trials)
+    ]
 
 
 def _correlation(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -132,8 +190,9 @@ def _correlation(x: torch.Tensor, y: torch.Tensor) -> float:
     return float((x @ y).item() / scale) if scale > 0 else 0.0
 
 
-def cue_and_label_signal(parts: Decomposition, direction: torch.Tensor, label: torch.Tensor,
-                         cue: torch.Tensor) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+def cue_and_label_signal(
+    parts: Decomposition, direction: torch.Tensor, label: torch.Tensor, cue: torch.Tensor
+) -> tuple[list[str], torch.Tensor, torch.Tensor]:
     """What each component's share of a logit difference tracks: the spurious cue, or the label.
 
     For every part of ``parts.stack("head")`` (labels ``"embed"``, ``"L3H1"``, ``"mlp_2"``, ...), its
@@ -146,14 +205,19 @@ def cue_and_label_signal(parts: Decomposition, direction: torch.Tensor, label: t
     scores = terms.float() @ direction.float().to(terms.device)
     cue, label = torch.as_tensor(cue), torch.as_tensor(label)
     with_cue = torch.tensor([_correlation(scores[:, k], cue) for k in range(len(labels))])
-    within = torch.tensor([np.mean([_correlation(scores[cue == v, k], label[cue == v]) for v in cue.unique()])
-                           for k in range(len(labels))])
+    within = torch.tensor(
+        [
+            np.mean([_correlation(scores[cue == v, k], label[cue == v]) for v in cue.unique()])
+            for k in range(len(labels))
+        ]
+    )
     return labels, with_cue, within
 
 
 @dataclass
 class SpuriousSplit:
-    """One split of a spurious-cue task: its decomposition (head detail in the searched layers), labels, groups."""
+    """One split of a spurious-cue task: its decomposition (head detail in the searched layers), its
+    labels and groups."""
 
     parts: Decomposition
     y: torch.Tensor
@@ -199,9 +263,14 @@ class SpuriousComparison:
     def gains(self) -> dict[str, float]:
         """Worst-group gains (fractions) over the base model: chosen heads, best and mean random set."""
         base = self.base.worst_group
-        mean_random = float(np.mean([r.worst_group for r in self.random_reports])) if self.random_reports else base
-        return {"chosen": self.chosen_report.worst_group - base, "best random": self.best_random.worst_group - base,
-                "mean random": mean_random - base}
+        mean_random = (
+            float(np.mean([r.worst_group for r in self.random_reports])) if self.random_reports else base
+        )
+        return {
+            "chosen": self.chosen_report.worst_group - base,
+            "best random": self.best_random.worst_group - base,
+            "mean random": mean_random - base,
+        }
 
     def table(self) -> "pd.DataFrame":  # noqa: F821 (pandas is imported lazily)
         """Average and worst-group test accuracy with 95% intervals, one row per condition."""
@@ -213,7 +282,8 @@ class SpuriousComparison:
             average = [r.average for r in self.random_reports]
             rows[f"random heads ({len(self.chosen)}), mean of {len(worst)}"] = {
                 "average": f"{np.mean(average):.1%} (draws {min(average):.1%} to {max(average):.1%})",
-                "worst group": f"{np.mean(worst):.1%} (draws {min(worst):.1%} to {max(worst):.1%})"}
+                "worst group": f"{np.mean(worst):.1%} (draws {min(worst):.1%} to {max(worst):.1%})",
+            }
         return pd.DataFrame(rows).T
 
 
@@ -257,33 +327,54 @@ class SpuriousTask:
         """Heads of the searched layers ranked by their variance in the concept span, on validation."""
         return rank_heads_by_concept(self.val.parts.head_terms(), self.concept, self.val.parts.head_layers)
 
-    def compare(self, max_heads: int = 8, random_trials: int = 5, n_boot: int = 1000,
-                seed: int = 0) -> SpuriousComparison:
+    def compare(
+        self, max_heads: int = 8, random_trials: int = 5, n_boot: int = 1000, seed: int = 0
+    ) -> SpuriousComparison:
         """Choose the head count on validation, then evaluate every condition once on the test split."""
         if max_heads < 0 or random_trials < 0 or n_boot < 1:
-            raise ValueError(f"max_heads and random_trials must be >= 0 and n_boot >= 1, got "
-                             f"{max_heads}, {random_trials}, {n_boot}.")
+            raise ValueError(
+                f"max_heads and random_trials must be >= 0 and n_boot >= 1, got "
+                f"{max_heads}, {random_trials}, {n_boot}."
+            )
         ranked = self.ranked_heads()
         order = [head for head, _ in ranked]
 
         def val_worst_group(heads: list[tuple[int, int]]) -> float:
-            accuracies = group_accuracy(self.predictions(self.val, heads_of(heads)), self.val.y, self.val.group)
+            accuracies = group_accuracy(
+                self.predictions(self.val, heads_of(heads)), self.val.y, self.val.group
+            )
             return min(accuracies.values())
 
-        n_chosen, val_scores = choose_head_count(order, val_worst_group, range(0, min(max_heads, len(order)) + 1))
+        n_chosen, val_scores = choose_head_count(
+            order, val_worst_group, range(0, min(max_heads, len(order)) + 1)
+        )
         chosen = order[:n_chosen]
-        extra = attention_layers(l for l in range(self.n_layers) if l not in self.search_layers) + all_mlps(self.n_layers)
-        random_reports = [self.report(heads_of(heads), n_boot=n_boot)
-                          for heads in random_head_sets(order, n_chosen, random_trials, seed)] if n_chosen else []
+        extra = attention_layers(l for l in range(self.n_layers) if l not in self.search_layers) + all_mlps(
+            self.n_layers
+        )
+        random_reports = (
+            [
+                self.report(heads_of(heads), n_boot=n_boot)
+                for heads in random_head_sets(order, n_chosen, random_trials, seed)
+            ]
+            if n_chosen
+            else []
+        )
         rows = {"base": self.report(n_boot=n_boot)}
         if random_reports:
-            rows[f"random heads ({n_chosen}), best of {random_trials}"] = max(random_reports, key=lambda r: r.worst_group)
+            rows[f"random heads ({n_chosen}), best of {random_trials}"] = max(
+                random_reports, key=lambda r: r.worst_group
+            )
         rows["chosen heads"] = self.report(heads_of(chosen), n_boot=n_boot)
-        rows["chosen heads, authors' 'ablated' condition"] = self.report(heads_of(chosen) + extra, n_boot=n_boot)
+        rows["chosen heads, authors' 'ablated' condition"] = self.report(
+            heads_of(chosen) + extra, n_boot=n_boot
+        )
         rows["authors' condition without the heads"] = self.report(extra, n_boot=n_boot)
         if self.authors_heads:
             rows["authors' heads"] = self.report(heads_of(self.authors_heads), n_boot=n_boot)
-            rows["authors' heads, 'ablated' condition"] = self.report(heads_of(self.authors_heads) + extra, n_boot=n_boot)
+            rows["authors' heads, 'ablated' condition"] = self.report(
+                heads_of(self.authors_heads) + extra, n_boot=n_boot
+            )
         return SpuriousComparison(ranked, val_scores, chosen, rows, random_reports)
 
     def signal(self) -> tuple[list[str], torch.Tensor, torch.Tensor]:
@@ -292,9 +383,17 @@ class SpuriousTask:
         return cue_and_label_signal(self.test.parts, direction, self.test.y, self.test.place)
 
 
-def spurious_task(bundle: ClipBundle, dataset: str | Path = "toy", *, n_test: int = 800, n_val: int = 400,
-                  last_k: int = 4, cache_dir: str | Path = "caches", batch_size: int = 64,
-                  progress: bool = False) -> SpuriousTask:
+def spurious_task(
+    bundle: ClipBundle,
+    dataset: str | Path = "toy",
+    *,
+    n_test: int = 800,
+    n_val: int = 400,
+    last_k: int = 4,
+    cache_dir: str | Path = "caches",
+    batch_size: int = 64,
+    progress: bool = False,
+) -> SpuriousTask:
     """The spurious-cue experiment on the toy world (``"toy"``) or a Waterbirds folder (its path).
 
     Toy world: label round vs angular, cue cold vs warm background; ``n_test`` and ``n_val`` balanced
@@ -309,37 +408,58 @@ def spurious_task(bundle: ClipBundle, dataset: str | Path = "toy", *, n_test: in
     from .evaluation import cache_folder
     from .toy import world
 
-    for name, value, low in (("n_test", n_test, 4), ("n_val", n_val, 4), ("last_k", last_k, 1),
-                             ("batch_size", batch_size, 1)):
+    for name, value, low in (
+        ("n_test", n_test, 4),
+        ("n_val", n_val, 4),
+        ("last_k", last_k, 1),
+        ("batch_size", batch_size, 1),
+    ):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ValueError(f"{name} must be an integer >= {low}, got {value!r}.")
     n_layers = bundle.n_layers
     search_layers = list(range(n_layers - min(last_k, n_layers), n_layers))
     toy = str(dataset) == "toy"
     if toy:
-        data = {"val": ToyDataset(n_val, 6061, bundle.preprocess, split="test_groups"),
-                "test": ToyDataset(n_test, 6060, bundle.preprocess, split="test_groups")}
+        data = {
+            "val": ToyDataset(n_val, 6061, bundle.preprocess, split="test_groups"),
+            "test": ToyDataset(n_test, 6060, bundle.preprocess, split="test_groups"),
+        }
         class_names, templates = world.ATTRIBUTES["label"], world.prompt_templates("label")
         group_names = world.group_names()
-        concept = zero_shot_classifier(bundle, world.ATTRIBUTES["background"], world.prompt_templates("background")).T
+        concept = zero_shot_classifier(
+            bundle, world.ATTRIBUTES["background"], world.prompt_templates("background")
+        ).T
     else:
-        data = {split: WaterbirdsDataset(dataset, bundle.preprocess, split=split, progress=progress)
-                for split in ("val", "test")}
+        data = {
+            split: WaterbirdsDataset(dataset, bundle.preprocess, split=split, progress=progress)
+            for split in ("val", "test")
+        }
         class_names, templates = WaterbirdsDataset.class_names, OPENAI_IMAGENET_TEMPLATES
         group_names = WaterbirdsDataset.group_names
-        concept = zero_shot_classifier(bundle, WATERBIRDS_PLACES, ["a photo of the {}.", "a landscape of the {}.",
-                                                                   "the {}."]).T
+        concept = zero_shot_classifier(
+            bundle, WATERBIRDS_PLACES, ["a photo of the {}.", "a landscape of the {}.", "the {}."]
+        ).T
     splits = {}
     for split, images in data.items():
         folder = cache_folder(cache_dir, f"spurious-{split}", bundle, images, search_layers)
-        cache = DecompositionCache.build(bundle, images, folder, layers=search_layers, batch_size=batch_size,
-                                         progress=progress)
+        cache = DecompositionCache.build(
+            bundle, images, folder, layers=search_layers, batch_size=batch_size, progress=progress
+        )
         labels = cache.labels
         y = torch.as_tensor(np.asarray(labels["label" if toy else "y"]))
         group = torch.as_tensor(np.asarray(labels["group"]))
         splits[split] = SpuriousSplit(cache.to_decomposition(), y, group)
     classifier = zero_shot_classifier(bundle, class_names, templates).cpu()
-    return SpuriousTask("toy" if toy else "waterbirds", list(class_names), list(group_names), classifier,
-                        concept.cpu(), splits["val"], splits["test"], n_layers, search_layers,
-                        None if toy else AUTHORS_HEADS.get(bundle.spec.split("/")[0]),
-                        data["test"].samples.images[:8] if toy else None)
+    return SpuriousTask(
+        "toy" if toy else "waterbirds",
+        list(class_names),
+        list(group_names),
+        classifier,
+        concept.cpu(),
+        splits["val"],
+        splits["test"],
+        n_layers,
+        search_layers,
+        None if toy else AUTHORS_HEADS.get(bundle.spec.split("/")[0]),
+        data["test"].samples.images[:8] if toy else None,
+    )

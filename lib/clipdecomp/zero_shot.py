@@ -17,6 +17,7 @@ Example:
     >>> sorted(classifiers) == sorted(TOY_TASKS)
     True
 """
+
 from __future__ import annotations
 
 from typing import Callable, Mapping, Sequence
@@ -30,8 +31,18 @@ from open_clip import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES
 from .loading import ClipBundle
 from .toy import world
 
-__all__ = ["IMAGENET_CLASSNAMES", "OPENAI_IMAGENET_TEMPLATES", "TOY_TASKS", "accuracy", "class_embeddings",
-           "group_accuracy", "task_accuracies", "toy_classifiers", "toy_zero_shot", "zero_shot_classifier"]
+__all__ = [
+    "IMAGENET_CLASSNAMES",
+    "OPENAI_IMAGENET_TEMPLATES",
+    "TOY_TASKS",
+    "accuracy",
+    "class_embeddings",
+    "group_accuracy",
+    "task_accuracies",
+    "toy_classifiers",
+    "toy_zero_shot",
+    "zero_shot_classifier",
+]
 
 TOY_TASKS = ("shape", "colour", "position", "size", "background")
 """The toy world's ordinary attribute tasks; ``"label"`` (round vs angular) is its spurious task."""
@@ -39,9 +50,14 @@ TOY_TASKS = ("shape", "colour", "position", "size", "background")
 Template = str | Callable[[str], str]
 
 
-def class_embeddings(model: torch.nn.Module, tokenizer: Callable, classnames: Sequence[str],
-                     templates: Sequence[Template], device: torch.device | str = "cpu",
-                     progress: bool = False) -> torch.Tensor:
+def class_embeddings(
+    model: torch.nn.Module,
+    tokenizer: Callable,
+    classnames: Sequence[str],
+    templates: Sequence[Template],
+    device: torch.device | str = "cpu",
+    progress: bool = False,
+) -> torch.Tensor:
     """[d', C] classifier of an open_clip model and tokenizer (see :func:`zero_shot_classifier`)."""
     if not classnames:
         raise ValueError("A zero-shot classifier needs at least one class name.")
@@ -49,17 +65,29 @@ def class_embeddings(model: torch.nn.Module, tokenizer: Callable, classnames: Se
         raise ValueError("A zero-shot classifier needs at least one prompt template.")
     bad = [t for t in templates if isinstance(t, str) and "{}" not in t]
     if bad:
-        raise ValueError(f"Templates must contain '{{}}' where the class name goes, e.g. 'a photo of a {{}}.'; "
-                         f"got {bad[:3]}.")
+        raise ValueError(
+            f"Templates must contain '{{}}' where the class name goes, e.g. 'a photo of a {{}}.'; "
+            f"got {bad[:3]}."
+        )
     as_callables = [t.format if isinstance(t, str) else t for t in templates]  # open_clip wants one kind
-    weights = open_clip.build_zero_shot_classifier(model, tokenizer, list(classnames), as_callables,
-                                                   num_classes_per_batch=10, device=device, use_tqdm=progress)
+    weights = open_clip.build_zero_shot_classifier(
+        model,
+        tokenizer,
+        list(classnames),
+        as_callables,
+        num_classes_per_batch=10,
+        device=device,
+        use_tqdm=progress,
+    )
     return weights.float()
 
 
-def zero_shot_classifier(bundle: ClipBundle, classnames: Sequence[str],
-                         templates: Sequence[Template] = OPENAI_IMAGENET_TEMPLATES,
-                         progress: bool = False) -> torch.Tensor:
+def zero_shot_classifier(
+    bundle: ClipBundle,
+    classnames: Sequence[str],
+    templates: Sequence[Template] = OPENAI_IMAGENET_TEMPLATES,
+    progress: bool = False,
+) -> torch.Tensor:
     """[d', C] classifier: per class, the normalised mean of its normalised prompt embeddings.
 
     ``templates`` are format strings with one ``{}`` or callables ``name -> prompt``.
@@ -70,8 +98,10 @@ def zero_shot_classifier(bundle: ClipBundle, classnames: Sequence[str],
 
 def toy_classifiers(bundle: ClipBundle, tasks: Sequence[str] = TOY_TASKS) -> dict[str, torch.Tensor]:
     """Per toy-world task, the [d', values] classifier built from the world's prompt templates."""
-    return {task: zero_shot_classifier(bundle, world.ATTRIBUTES[task], world.prompt_templates(task))
-            for task in tasks}
+    return {
+        task: zero_shot_classifier(bundle, world.ATTRIBUTES[task], world.prompt_templates(task))
+        for task in tasks
+    }
 
 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor, k: int = 1) -> float:
@@ -82,11 +112,16 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor, k: int = 1) -> float:
     return (top == labels.to(top.device)[:, None]).any(-1).float().mean().item()
 
 
-def task_accuracies(embeddings: torch.Tensor, classifiers: Mapping[str, torch.Tensor],
-                    labels: Mapping[str, np.ndarray | torch.Tensor]) -> dict[str, float]:
+def task_accuracies(
+    embeddings: torch.Tensor,
+    classifiers: Mapping[str, torch.Tensor],
+    labels: Mapping[str, np.ndarray | torch.Tensor],
+) -> dict[str, float]:
     """Zero-shot accuracy (fraction) of [n, d'] image embeddings on each task (argmax ignores norms)."""
-    return {task: accuracy(embeddings @ weights.to(embeddings), torch.as_tensor(np.asarray(labels[task])))
-            for task, weights in classifiers.items()}
+    return {
+        task: accuracy(embeddings @ weights.to(embeddings), torch.as_tensor(np.asarray(labels[task])))
+        for task, weights in classifiers.items()
+    }
 
 
 def group_accuracy(predictions: torch.Tensor, labels: torch.Tensor, groups: torch.Tensor) -> dict[int, float]:
@@ -96,21 +131,30 @@ def group_accuracy(predictions: torch.Tensor, labels: torch.Tensor, groups: torc
 
 
 @torch.no_grad()
-def _toy_features(model: torch.nn.Module, images: np.ndarray, preprocess: Callable | None,
-                  batch_size: int = 500) -> torch.Tensor:
+def _toy_features(
+    model: torch.nn.Module, images: np.ndarray, preprocess: Callable | None, batch_size: int = 500
+) -> torch.Tensor:
     from PIL import Image
 
     chunks = []
     for start in range(0, len(images), batch_size):
-        part = images[start:start + batch_size]
-        x = world.to_tensor(part) if preprocess is None else torch.stack(
-            [preprocess(Image.fromarray(img)) for img in part])
+        part = images[start : start + batch_size]
+        x = (
+            world.to_tensor(part)
+            if preprocess is None
+            else torch.stack([preprocess(Image.fromarray(img)) for img in part])
+        )
         chunks.append(F.normalize(model.encode_image(x).float(), dim=-1))
     return torch.cat(chunks)
 
 
-def toy_zero_shot(model: torch.nn.Module, tokenizer: Callable, preprocess: Callable | None = None,
-                  n: int = 2000, seed: int = 1000) -> dict[str, float | dict[str, float]]:
+def toy_zero_shot(
+    model: torch.nn.Module,
+    tokenizer: Callable,
+    preprocess: Callable | None = None,
+    n: int = 2000,
+    seed: int = 1000,
+) -> dict[str, float | dict[str, float]]:
     """The model card's held-out zero-shot accuracies (fractions) on ``n`` fresh samples per split.
 
     Args:
@@ -126,11 +170,16 @@ def toy_zero_shot(model: torch.nn.Module, tokenizer: Callable, preprocess: Calla
     """
     was_training = model.training
     model.eval()
-    classifiers = {task: class_embeddings(model, tokenizer, world.ATTRIBUTES[task], world.prompt_templates(task))
-                   for task in (*TOY_TASKS, "label")}
+    classifiers = {
+        task: class_embeddings(model, tokenizer, world.ATTRIBUTES[task], world.prompt_templates(task))
+        for task in (*TOY_TASKS, "label")
+    }
     uniform = world.sample(n, seed, split="uniform")
     result: dict[str, float | dict[str, float]] = task_accuracies(
-        _toy_features(model, uniform.images, preprocess), {t: classifiers[t] for t in TOY_TASKS}, uniform.attributes)
+        _toy_features(model, uniform.images, preprocess),
+        {t: classifiers[t] for t in TOY_TASKS},
+        uniform.attributes,
+    )
     groups = world.spurious_split(n, seed)
     pred = (_toy_features(model, groups.images, preprocess) @ classifiers["label"]).argmax(1)
     label = torch.as_tensor(groups.attributes["label"])

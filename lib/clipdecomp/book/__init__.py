@@ -5,6 +5,7 @@
 
 Executed copies go to ``_build/src`` (a staging copy of the book), never over the sources.
 """
+
 from ..paths import repo_root
 from .runner import PROFILES, build_site, execute_notebooks
 

@@ -1,4 +1,5 @@
 """What every chapter shares: the standard setup cell, and its "Open in Colab" link."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -14,7 +15,9 @@ __all__ = ["REPOSITORY", "SETUP_CELL", "colab_url", "add_colab_link", "write_set
 REPOSITORY = "clipdecomp/clipdecomp"
 """GitHub ``owner/name`` the book's Colab links and Colab installs point to (set once, here)."""
 
-SETUP_CELL = f'''\
+_CLONE = f"git clone -q --depth 1 -b v{__version__} https://github.com/{REPOSITORY}"
+
+SETUP_CELL = f"""\
 # Standard setup, the same in every chapter. On Colab: install this book's version of clipdecomp.
 # Everywhere: seed Python/NumPy/torch, set the plot style, print the versions in use.
 import os
@@ -22,13 +25,13 @@ import sys
 
 if "google.colab" in sys.modules:
     if not os.path.isdir("/content/clipdecomp"):
-        !git clone --quiet --depth 1 --branch v{__version__} https://github.com/{REPOSITORY} /content/clipdecomp
+        !{_CLONE} /content/clipdecomp
         %pip install --quiet /content/clipdecomp
     os.environ["CLIPDECOMP_DATA"] = "/content/clipdecomp/data"  # the toy model and text pools
 import clipdecomp
 from clipdecomp.notebook import pick_device, setup
 
-setup(seed=0)'''
+setup(seed=0)"""
 
 
 def colab_url(entry: str) -> str:

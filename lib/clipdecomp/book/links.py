@@ -6,6 +6,7 @@ Sphinx's ``-n`` catches broken cross-references in the sources; this catches wha
 site (``https:``, ``mailto:``, ...) are not followed: the book must read offline, and its outside
 links (Colab, the paper) are checked by a person.
 """
+
 from __future__ import annotations
 
 from html.parser import HTMLParser
@@ -14,7 +15,14 @@ from urllib.parse import unquote, urlsplit
 
 __all__ = ["broken_internal_links"]
 
-_LINK_ATTRIBUTES = {"a": "href", "link": "href", "img": "src", "script": "src", "iframe": "src", "source": "src"}
+_LINK_ATTRIBUTES = {
+    "a": "href",
+    "link": "href",
+    "img": "src",
+    "script": "src",
+    "iframe": "src",
+    "source": "src",
+}
 
 
 class _PageScan(HTMLParser):
@@ -60,6 +68,10 @@ def broken_internal_links(html_dir: str | Path) -> list[str]:
                 broken.append(f"{where} (points outside the site)")
             elif not target.is_file():
                 broken.append(f"{where} (no such file)")
-            elif parts.fragment and target.suffix == ".html" and unquote(parts.fragment) not in _scan(target, cache).ids:
+            elif (
+                parts.fragment
+                and target.suffix == ".html"
+                and unquote(parts.fragment) not in _scan(target, cache).ids
+            ):
                 broken.append(f"{where} (no element with id {parts.fragment!r})")
     return broken

@@ -1,4 +1,5 @@
 """The book runner: papermill execution in ``_toc.yml`` order, a status page, then a strict build."""
+
 from __future__ import annotations
 
 import os
@@ -22,8 +23,18 @@ from .chapters import add_colab_link
 from .links import broken_internal_links
 from .vendor import vendor
 
-__all__ = ["PROFILES", "CHAPTER_PARAMETERS", "DATA_VARIABLES", "DataVariable", "Run", "chapter_parameters",
-           "toc_notebooks", "select_chapters", "execute_notebooks", "build_site"]
+__all__ = [
+    "PROFILES",
+    "CHAPTER_PARAMETERS",
+    "DATA_VARIABLES",
+    "DataVariable",
+    "Run",
+    "chapter_parameters",
+    "toc_notebooks",
+    "select_chapters",
+    "execute_notebooks",
+    "build_site",
+]
 
 # Parameters injected into every notebook under each profile (only those a notebook declares).
 PROFILES: dict[str, dict[str, object]] = {
@@ -36,10 +47,18 @@ PROFILES: dict[str, dict[str, object]] = {
 CHAPTER_PARAMETERS: dict[str, dict[str, dict[str, object]]] = {
     "paper": {
         "02_layer_ablations": {"dataset": "$CLIPDECOMP_IMAGENET_VAL", "n_images": 50_000, "batch_size": 256},
-        "03_text_span": {"dataset": "$CLIPDECOMP_IMAGENET_VAL", "main_pool": "descriptions", "n_images": 10_000,
-                         "batch_size": 256},
+        "03_text_span": {
+            "dataset": "$CLIPDECOMP_IMAGENET_VAL",
+            "main_pool": "descriptions",
+            "n_images": 10_000,
+            "batch_size": 256,
+        },
         "06_spurious_cues": {"dataset": "$CLIPDECOMP_WATERBIRDS"},
-        "07_segmentation": {"dataset": "imagenet-seg", "seg_path": "$CLIPDECOMP_IMAGENET_SEG", "n_images": None},
+        "07_segmentation": {
+            "dataset": "imagenet-seg",
+            "seg_path": "$CLIPDECOMP_IMAGENET_SEG",
+            "n_images": None,
+        },
     },
 }
 
@@ -54,13 +73,21 @@ class DataVariable:
 
 
 DATA_VARIABLES = {
-    "CLIPDECOMP_IMAGENET_VAL": DataVariable("folder", "an ImageNet validation folder with one sub-folder per class "
-                                            "named by wnid (n01440764/...), e.g. from image-net.org's ILSVRC2012 "
-                                            "validation set"),
-    "CLIPDECOMP_WATERBIRDS": DataVariable("folder", "the extracted waterbird_complete95_forest2water2 folder of Sagawa "
-                                          "et al. (see clipdecomp.datasets.HOW_TO_GET_WATERBIRDS)", "metadata.csv"),
-    "CLIPDECOMP_IMAGENET_SEG": DataVariable("file", "the gtsegs_ijcv.mat file of ImageNet-segmentation "
-                                            "(Guillaumin et al.)"),
+    "CLIPDECOMP_IMAGENET_VAL": DataVariable(
+        "folder",
+        "an ImageNet validation folder with one sub-folder per class "
+        "named by wnid (n01440764/...), e.g. from image-net.org's ILSVRC2012 "
+        "validation set",
+    ),
+    "CLIPDECOMP_WATERBIRDS": DataVariable(
+        "folder",
+        "the extracted waterbird_complete95_forest2water2 folder of Sagawa "
+        "et al. (see clipdecomp.datasets.HOW_TO_GET_WATERBIRDS)",
+        "metadata.csv",
+    ),
+    "CLIPDECOMP_IMAGENET_SEG": DataVariable(
+        "file", "the gtsegs_ijcv.mat file of ImageNet-segmentation (Guillaumin et al.)"
+    ),
 }
 """Environment variables the ``paper`` profile reads dataset locations from."""
 
@@ -103,17 +130,24 @@ def select_chapters(entries: Sequence[str], only: Sequence[str] | None) -> list[
     names = check_texts_list("only", only)
     chapters = [Path(e).name for e in entries]
     if not names or not all(name.strip() for name in names):
-        raise ValueError(f"only={names!r} selects no chapter by name: leave it out to execute every chapter, or name "
-                         f"some of {chapters} (substrings such as '02_' work).")
+        raise ValueError(
+            f"only={names!r} selects no chapter by name: leave it out to execute every chapter, or name "
+            f"some of {chapters} (substrings such as '02_' work)."
+        )
     unmatched = [name for name in names if not any(name in chapter for chapter in chapters)]
     if unmatched:
         raise ValueError(f"only: {unmatched} match no chapter; the chapters are {chapters}.")
     return [e for e, chapter in zip(entries, chapters) if any(name in chapter for name in names)]
 
 
-def execute_notebooks(profile: str = "cpu", root: Path | None = None, only: Sequence[str] | None = None,
-                      staging: Path | None = None) -> list[Run]:
-    """Stage the book and execute its chapters (all, or those :func:`select_chapters` picks) under ``profile``.
+def execute_notebooks(
+    profile: str = "cpu",
+    root: Path | None = None,
+    only: Sequence[str] | None = None,
+    staging: Path | None = None,
+) -> list[Run]:
+    """Stage the book and execute its chapters (all, or those :func:`select_chapters` picks)
+    under ``profile``.
 
     A failing cell raises ``RuntimeError`` naming the notebook and the cell.
     """
@@ -137,18 +171,30 @@ def execute_notebooks(profile: str = "cpu", root: Path | None = None, only: Sequ
             continue
         declared = papermill.inspect_notebook(str(path))
         # caches live outside the staging folder (wiped by each run) so an interrupted run can resume
-        settings = {**chapter_parameters(profile, entry),
-                    "cache_dir": os.path.relpath(root / "_build" / "caches", path.parent)}
+        settings = {
+            **chapter_parameters(profile, entry),
+            "cache_dir": os.path.relpath(root / "_build" / "caches", path.parent),
+        }
         injected = {k: v for k, v in settings.items() if k in declared}
         print(f"[{profile}] executing {entry}.ipynb", flush=True)
         start = time.perf_counter()
         try:
-            papermill.execute_notebook(str(path), str(path), parameters=injected, cwd=str(path.parent),
-                                       kernel_name="python3", progress_bar=False)
+            papermill.execute_notebook(
+                str(path),
+                str(path),
+                parameters=injected,
+                cwd=str(path.parent),
+                kernel_name="python3",
+                progress_bar=False,
+            )
         except papermill.PapermillExecutionError as error:
-            raise RuntimeError(f"{entry}.ipynb failed in cell {error.exec_count}: {error.ename}: {error.evalue}") from error
+            raise RuntimeError(
+                f"{entry}.ipynb failed in cell {error.exec_count}: {error.ename}: {error.evalue}"
+            ) from error
         defaults = {k: v["default"] for k, v in declared.items()}
-        runs.append(Run(entry, time.perf_counter() - start, {**defaults, **{k: repr(v) for k, v in injected.items()}}))
+        runs.append(
+            Run(entry, time.perf_counter() - start, {**defaults, **{k: repr(v) for k, v in injected.items()}})
+        )
     _write_status(staging, profile, runs)
     return runs
 
@@ -159,10 +205,13 @@ def _variable(value: object) -> str | None:
 
 
 def chapter_parameters(profile: str, entry: str) -> dict[str, object]:
-    """What ``profile`` injects into chapter ``entry`` (e.g. ``notebooks/02_layer_ablations``), variables read."""
+    """What ``profile`` injects into chapter ``entry`` (e.g. ``notebooks/02_layer_ablations``), with the
+    environment variables read."""
     settings = {**PROFILES[profile], **CHAPTER_PARAMETERS.get(profile, {}).get(Path(entry).name, {})}
-    return {key: os.environ.get(_variable(value), value) if _variable(value) else value
-            for key, value in settings.items()}
+    return {
+        key: os.environ.get(_variable(value), value) if _variable(value) else value
+        for key, value in settings.items()
+    }
 
 
 def _location_problem(name: str, where: str | None) -> str | None:
@@ -183,7 +232,8 @@ def _location_problem(name: str, where: str | None) -> str | None:
 
 
 def _check_data_variables(profile: str, entries: list[str]) -> None:
-    """Fail before anything runs when a dataset location the profile needs is unset, missing or the wrong kind."""
+    """Fail before anything runs when a dataset location the profile needs is unset, missing or the
+    wrong kind."""
     problems = []
     for entry in entries:
         overrides = CHAPTER_PARAMETERS.get(profile, {}).get(Path(entry).name, {})
@@ -192,8 +242,11 @@ def _check_data_variables(profile: str, entries: list[str]) -> None:
             if state:
                 problems.append(f"{name} {state} ({Path(entry).name} needs {DATA_VARIABLES[name].holds})")
     if problems:
-        raise FileNotFoundError(f"The {profile!r} profile reads real datasets, and " + "; ".join(dict.fromkeys(problems))
-                                + ". Set each variable to the dataset's location (or run one chapter with --only).")
+        raise FileNotFoundError(
+            f"The {profile!r} profile reads real datasets, and "
+            + "; ".join(dict.fromkeys(problems))
+            + ". Set each variable to the dataset's location (or run one chapter with --only)."
+        )
 
 
 def _weights_receipt(spec: str) -> str:
@@ -213,24 +266,38 @@ def _hardware() -> str:
     if torch.cuda.is_available():
         return torch.cuda.get_device_name()
     cpuinfo = Path("/proc/cpuinfo")
-    names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
-             if line.startswith("model name")] if cpuinfo.is_file() else []
+    names = (
+        [
+            line.split(":", 1)[1].strip()
+            for line in cpuinfo.read_text().splitlines()
+            if line.startswith("model name")
+        ]
+        if cpuinfo.is_file()
+        else []
+    )
     return f"{names[0] if names else platform.processor() or 'CPU'} ({os.cpu_count()} cores, no GPU)"
 
 
 def _write_status(staging: Path, profile: str, runs: list[Run]) -> None:
     """The reproducibility receipt: ``book/status.md`` in the staged book."""
     packages = ["clipdecomp", "torch", "open_clip_torch", "numpy", "jupyter-book", "papermill"]
-    lines = ["# Status of this build", "",
-             f"Executed {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC under the **{profile}** profile on "
-             f"{_hardware()}, Python {platform.python_version()}. Executing the chapters took "
-             f"{sum(r.seconds for r in runs) / 60:.1f} minutes in all (target for the cpu profile on 2 cores: "
-             "at most 10 minutes).", "",
-             "| chapter | run time (s) | model | weights sha256 | dataset |", "|---|---|---|---|---|"]
+    lines = [
+        "# Status of this build",
+        "",
+        f"Executed {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC under the **{profile}** profile on "
+        f"{_hardware()}, Python {platform.python_version()}. Executing the chapters took "
+        f"{sum(r.seconds for r in runs) / 60:.1f} minutes in all (target for the cpu profile on 2 cores: "
+        "at most 10 minutes).",
+        "",
+        "| chapter | run time (s) | model | weights sha256 | dataset |",
+        "|---|---|---|---|---|",
+    ]
     for run in runs:
         spec = str(run.parameters.get("model_spec", "-"))
-        lines.append(f"| {run.entry.split('/')[-1]} | {run.seconds:.1f} | `{spec.strip(chr(39) + chr(34))}` | "
-                     f"{_weights_receipt(spec) if spec != '-' else '-'} | {run.parameters.get('dataset', '-')} |")
+        lines.append(
+            f"| {run.entry.split('/')[-1]} | {run.seconds:.1f} | `{spec.strip(chr(39) + chr(34))}` | "
+            f"{_weights_receipt(spec) if spec != '-' else '-'} | {run.parameters.get('dataset', '-')} |"
+        )
     lines += ["", "| package | version |", "|---|---|"] + [f"| {p} | {version(p)} |" for p in packages]
     (staging / "book" / "status.md").write_text("\n".join(lines) + "\n")
 
@@ -244,13 +311,23 @@ def build_site(root: Path | None = None, staging: Path | None = None, output: Pa
     staging = staging or root / "_build" / "src"
     output = output or root
     vendor(staging / "_static", root / "_build" / "npm")
-    command = [str(Path(sys.executable).parent / "jupyter-book"), "build", str(staging), "--path-output", str(output),
-               "-n", "-W", "--keep-going"]
+    command = [
+        str(Path(sys.executable).parent / "jupyter-book"),
+        "build",
+        str(staging),
+        "--path-output",
+        str(output),
+        "-n",
+        "-W",
+        "--keep-going",
+    ]
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(f"jupyter-book build failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
     html = output / "_build" / "html"
     broken = broken_internal_links(html)
     if broken:
-        raise RuntimeError(f"{len(broken)} broken internal links in the built site:\n" + "\n".join(broken[:50]))
+        raise RuntimeError(
+            f"{len(broken)} broken internal links in the built site:\n" + "\n".join(broken[:50])
+        )
     return html

@@ -22,6 +22,7 @@ or position role is evidence of training by itself, while a background role is e
 trained model whose other heads have let the background go (training makes most heads drop it).
 Chapter 3 puts the two models' tables side by side.
 """
+
 from __future__ import annotations
 
 import json
@@ -38,8 +39,16 @@ import torch
 from ..loading import toy_model_dir
 from .world import ATTRIBUTES
 
-__all__ = ["ROLE_ATTRIBUTES", "HeadScores", "RoleAgreement", "variance_explained", "head_scores", "random_twin",
-           "named_attribute", "text_span_agreement"]
+__all__ = [
+    "ROLE_ATTRIBUTES",
+    "HeadScores",
+    "RoleAgreement",
+    "variance_explained",
+    "head_scores",
+    "random_twin",
+    "named_attribute",
+    "text_span_agreement",
+]
 
 ROLE_ATTRIBUTES = ("shape", "colour", "position", "size", "background")
 """The attributes a head's role is chosen from."""
@@ -67,7 +76,9 @@ class HeadScores:
         """The ``k`` highest-scoring (layer, head, score) for ``attribute``."""
         table = self[attribute]
         order = np.argsort(table, axis=None)[::-1][:k]
-        return [(self.layers[i // table.shape[1]], int(i % table.shape[1]), float(table.flat[i])) for i in order]
+        return [
+            (self.layers[i // table.shape[1]], int(i % table.shape[1]), float(table.flat[i])) for i in order
+        ]
 
     def roles(self, min_score: float = 0.4, margin: float = 2.0) -> dict[str, str | None]:
         """Head label ("L4H2") -> its clear role: the attribute scoring >= ``min_score`` and >= ``margin``
@@ -86,7 +97,9 @@ class HeadScores:
         import pandas as pd
 
         index = [f"L{layer}H{h}" for layer in self.layers for h in range(self.scores.shape[1])]
-        return pd.DataFrame(self.scores.reshape(-1, len(self.attributes)), index=index, columns=self.attributes)
+        return pd.DataFrame(
+            self.scores.reshape(-1, len(self.attributes)), index=index, columns=self.attributes
+        )
 
 
 def variance_explained(contributions: torch.Tensor, labels: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -110,8 +123,12 @@ def variance_explained(contributions: torch.Tensor, labels: np.ndarray | torch.T
     return torch.where(total > 0, between / total.clamp_min(1e-300), torch.zeros_like(total)).float()
 
 
-def head_scores(contributions: torch.Tensor, attributes: Mapping[str, np.ndarray], layers: Sequence[int],
-                names: Sequence[str] = ROLE_ATTRIBUTES) -> HeadScores:
+def head_scores(
+    contributions: torch.Tensor,
+    attributes: Mapping[str, np.ndarray],
+    layers: Sequence[int],
+    names: Sequence[str] = ROLE_ATTRIBUTES,
+) -> HeadScores:
     """Score every head of ``contributions`` [n, layers, heads, d] for each attribute.
 
     Args:
@@ -121,7 +138,9 @@ def head_scores(contributions: torch.Tensor, attributes: Mapping[str, np.ndarray
         names: which attributes to score.
     """
     if contributions.shape[1] != len(layers):
-        raise ValueError(f"contributions cover {contributions.shape[1]} layers but {len(layers)} layer ids given.")
+        raise ValueError(
+            f"contributions cover {contributions.shape[1]} layers but {len(layers)} layer ids given."
+        )
     table = torch.stack([variance_explained(contributions, attributes[a]) for a in names], dim=-1)
     return HeadScores(table.numpy(), list(names), list(layers))
 
@@ -134,14 +153,18 @@ def random_twin(spec: str = "toy", seed: int = 0) -> open_clip.model.CLIP:
     folder = toy_model_dir() if spec == "toy" else Path(spec).expanduser()
     config = folder / "open_clip_config.json"
     if not config.is_file():
-        raise FileNotFoundError(f"No open_clip_config.json in {folder}: random_twin needs 'toy' or a local-dir "
-                                "model folder (open_clip_config.json + weights).")
+        raise FileNotFoundError(
+            f"No open_clip_config.json in {folder}: random_twin needs 'toy' or a local-dir "
+            "model folder (open_clip_config.json + weights)."
+        )
     torch.manual_seed(seed)
     return open_clip.model.CLIP(**json.loads(config.read_text())["model_cfg"]).eval()
 
 
 _VOCABULARY = {a: [re.compile(rf"\b{re.escape(v)}\b") for v in ATTRIBUTES[a]] for a in ROLE_ATTRIBUTES}
-_VOCABULARY["shape"] += [re.compile(rf"\b{v}\b") for v in ATTRIBUTES["label"]]  # round / angular are shape words
+_VOCABULARY["shape"] += [
+    re.compile(rf"\b{v}\b") for v in ATTRIBUTES["label"]
+]  # round / angular are shape words
 
 
 def named_attribute(texts: Sequence[str]) -> str | None:
@@ -152,7 +175,7 @@ def named_attribute(texts: Sequence[str]) -> str | None:
 
 @dataclass
 class RoleAgreement:
-    """TEXT SPAN's description of each head next to the head's ground-truth role (:func:`text_span_agreement`).
+    """TEXT SPAN's description of each head next to its ground-truth role (:func:`text_span_agreement`).
 
     Attributes:
         scores: the trained model's head scores; ``twin``: the same for its random-init twin.
@@ -175,8 +198,16 @@ class RoleAgreement:
         return int((self.table["agree"] == "✓").sum())
 
 
-def text_span_agreement(bundle, images, parts, spans, pool: Sequence[str], first: int = 3,
-                        min_score: float = 0.4, margin: float = 2.0) -> RoleAgreement | None:
+def text_span_agreement(
+    bundle,
+    images,
+    parts,
+    spans,
+    pool: Sequence[str],
+    first: int = 3,
+    min_score: float = 0.4,
+    margin: float = 2.0,
+) -> RoleAgreement | None:
     """Compare each head's TEXT SPAN texts with its ground-truth role, on toy-world images.
 
     Args:
@@ -205,7 +236,11 @@ def text_span_agreement(bundle, images, parts, spans, pool: Sequence[str], first
         texts = spans[label].texts(pool)[:first]
         named = named_attribute(texts)
         top = scores.table().loc[label]
-        rows[label] = {"role": role or "—", "top score": f"{top.max():.2f} ({top.idxmax()})",
-                       "TEXT SPAN names": named or "—", "first texts": " | ".join(texts),
-                       "agree": ("✓" if named == role else "✗") if role else ""}
+        rows[label] = {
+            "role": role or "—",
+            "top score": f"{top.max():.2f} ({top.idxmax()})",
+            "TEXT SPAN names": named or "—",
+            "first texts": " | ".join(texts),
+            "agree": ("✓" if named == role else "✗") if role else "",
+        }
     return RoleAgreement(scores, twin, pd.DataFrame(rows).T)

@@ -16,6 +16,7 @@ measurement is one of the book's own experiments, on fresh held-out images:
 * segmentation (chapter 7): object coverage, the constant map's rank, and the decomposition against
   raw attention, Grad-CAM and Chefer et al. on mIoU and foreground AP.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,15 +45,30 @@ def _spurious(bundle: ClipBundle, cache: Path, n_test: int, n_val: int) -> list[
     gains = result.gains()
     size = len(result.chosen)
     return [
-        _row("spurious task: base worst group", "≤ 50%", f"{result.base.worst_group:.1%}",
-             result.base.worst_group <= 0.5),
-        _row(f"spurious task: worst-group gain of the {size} heads chosen on validation", "≥ +25 points",
-             f"{100 * gains['chosen']:+.1f} points", gains["chosen"] >= 0.25),
-        _row(f"spurious task: chosen heads vs the best of 5 random sets of {size}", "higher",
-             f"{result.chosen_report.worst_group:.1%} vs {result.best_random.worst_group:.1%}",
-             size > 0 and result.chosen_report.worst_group > result.best_random.worst_group),
-        _row("spurious task: mean random set's gain", "≤ half the chosen gain",
-             f"{100 * gains['mean random']:+.1f} points", size > 0 and gains["mean random"] <= gains["chosen"] / 2),
+        _row(
+            "spurious task: base worst group",
+            "≤ 50%",
+            f"{result.base.worst_group:.1%}",
+            result.base.worst_group <= 0.5,
+        ),
+        _row(
+            f"spurious task: worst-group gain of the {size} heads chosen on validation",
+            "≥ +25 points",
+            f"{100 * gains['chosen']:+.1f} points",
+            gains["chosen"] >= 0.25,
+        ),
+        _row(
+            f"spurious task: chosen heads vs the best of 5 random sets of {size}",
+            "higher",
+            f"{result.chosen_report.worst_group:.1%} vs {result.best_random.worst_group:.1%}",
+            size > 0 and result.chosen_report.worst_group > result.best_random.worst_group,
+        ),
+        _row(
+            "spurious task: mean random set's gain",
+            "≤ half the chosen gain",
+            f"{100 * gains['mean random']:+.1f} points",
+            size > 0 and gains["mean random"] <= gains["chosen"] / 2,
+        ),
     ]
 
 
@@ -73,12 +89,23 @@ def _heads(bundle: ClipBundle, cache: Path, n_images: int) -> list[dict]:
     for attribute in ("shape", "colour", "position", "background"):
         heads = [label for label, role in roles.items() if role == attribute]
         best = float(agreement.scores[attribute].max())
-        rows.append(_row(f"a {attribute} head in the last 3 layers (score ≥ 0.4, ≥ 2× its other attributes)",
-                         "at least one", f"{', '.join(heads) or 'none'} (best {attribute} score {best:.2f})",
-                         bool(heads)))
+        rows.append(
+            _row(
+                f"a {attribute} head in the last 3 layers (score ≥ 0.4, ≥ 2× its other attributes)",
+                "at least one",
+                f"{', '.join(heads) or 'none'} (best {attribute} score {best:.2f})",
+                bool(heads),
+            )
+        )
     share = agreement.agree / agreement.with_role if agreement.with_role else 0.0
-    rows.append(_row("TEXT SPAN's first 3 texts name the role of the heads that have one", "≥ 60%",
-                     f"{agreement.agree} of {agreement.with_role} ({share:.0%})", share >= 0.6))
+    rows.append(
+        _row(
+            "TEXT SPAN's first 3 texts name the role of the heads that have one",
+            "≥ 60%",
+            f"{agreement.agree} of {agreement.with_role} ({share:.0%})",
+            share >= 0.6,
+        )
+    )
     return rows
 
 
@@ -94,13 +121,31 @@ def _layers(bundle: ClipBundle, cache: Path, n_images: int) -> list[dict]:
     def cost(components: list[str]) -> float:
         return base - images.mean_accuracy(mean_ablate(parts, components))
 
-    mlps, early, late = cost(all_mlps(n)), cost(attention_layers(range(n - 3))), cost(attention_layers(range(n - 3, n)))
-    return [_row("layer structure: cost of mean-ablating all MLPs and the embedding", "≤ 5 points",
-                 f"{100 * mlps:.1f} points", mlps <= 0.05),
-            _row("layer structure: cost of all attention layers but the last 3", "≤ 4 points",
-                 f"{100 * early:.1f} points", early <= 0.04),
-            _row("layer structure: cost of the last 3 attention layers", "≥ 10 points",
-                 f"{100 * late:.1f} points", late >= 0.10)]
+    mlps, early, late = (
+        cost(all_mlps(n)),
+        cost(attention_layers(range(n - 3))),
+        cost(attention_layers(range(n - 3, n))),
+    )
+    return [
+        _row(
+            "layer structure: cost of mean-ablating all MLPs and the embedding",
+            "≤ 5 points",
+            f"{100 * mlps:.1f} points",
+            mlps <= 0.05,
+        ),
+        _row(
+            "layer structure: cost of all attention layers but the last 3",
+            "≤ 4 points",
+            f"{100 * early:.1f} points",
+            early <= 0.04,
+        ),
+        _row(
+            "layer structure: cost of the last 3 attention layers",
+            "≥ 10 points",
+            f"{100 * late:.1f} points",
+            late >= 0.10,
+        ),
+    ]
 
 
 def _retrieval(bundle: ClipBundle, n_images: int) -> list[dict]:
@@ -109,8 +154,14 @@ def _retrieval(bundle: ClipBundle, n_images: int) -> list[dict]:
     result = evaluate(bundle, "toy", n_images)
     summary = result.summary()
     own, chance = float(summary.loc["shape", "own"]), float(summary.loc["shape", "chance"])
-    return [_row(f"retrieval: the shape head ({summary.loc['shape', 'head']}) shares the query's shape",
-                 "≥ 3× chance", f"{own:.1%} vs chance {chance:.1%} ({own / chance:.1f}×)", own >= 3 * chance)]
+    return [
+        _row(
+            f"retrieval: the shape head ({summary.loc['shape', 'head']}) shares the query's shape",
+            "≥ 3× chance",
+            f"{own:.1%} vs chance {chance:.1%} ({own / chance:.1f}×)",
+            own >= 3 * chance,
+        )
+    ]
 
 
 def _segmentation(bundle: ClipBundle, n_images: int) -> list[dict]:
@@ -123,20 +174,47 @@ def _segmentation(bundle: ClipBundle, n_images: int) -> list[dict]:
     table = result.table()
     rank = int((table["mIoU"] > table.loc[REFERENCE, "mIoU"]).sum()) + 1
     others = ["raw attention", "Grad-CAM", "Chefer et al."]
-    beats = [m for m in others if all(table.loc["decomposition", k] > table.loc[m, k] for k in ("mIoU", "fg AP (extra)"))]
-    return [_row("segmentation: pixels covered by objects", "≥ 12%", f"{coverage:.1%}", coverage >= 0.12),
-            _row("segmentation: rank of the constant map by mIoU", f"not near the top (of {len(table)})",
-                 f"{rank} of {len(table)}", rank >= len(table) - 1),
-            _row("segmentation: decomposition beats raw attention, Grad-CAM, Chefer et al. (mIoU and fg AP)",
-                 "all three", f"beats {', '.join(beats) or 'none'}", len(beats) == len(others))]
+    beats = [
+        m
+        for m in others
+        if all(table.loc["decomposition", k] > table.loc[m, k] for k in ("mIoU", "fg AP (extra)"))
+    ]
+    return [
+        _row("segmentation: pixels covered by objects", "≥ 12%", f"{coverage:.1%}", coverage >= 0.12),
+        _row(
+            "segmentation: rank of the constant map by mIoU",
+            f"not near the top (of {len(table)})",
+            f"{rank} of {len(table)}",
+            rank >= len(table) - 1,
+        ),
+        _row(
+            "segmentation: decomposition beats raw attention, Grad-CAM, Chefer et al. (mIoU and fg AP)",
+            "all three",
+            f"beats {', '.join(beats) or 'none'}",
+            len(beats) == len(others),
+        ),
+    ]
 
 
-def measure_targets(bundle: ClipBundle, card: dict, n_images: int = 1000, n_test: int = 800, n_val: int = 400,
-                    n_segmentation: int = 200) -> list[dict]:
+def measure_targets(
+    bundle: ClipBundle,
+    card: dict,
+    n_images: int = 1000,
+    n_test: int = 800,
+    n_val: int = 400,
+    n_segmentation: int = 200,
+) -> list[dict]:
     """Every target row for ``bundle``; ``card["zero_shot_accuracy"]`` supplies the zero-shot rows."""
     accuracy = card["zero_shot_accuracy"]
-    rows = [_row(f"zero-shot {task}, uncorrelated split", f"≥ {target:.0%}", f"{accuracy[task]:.1%}",
-                 accuracy[task] >= target) for task, target in ZERO_SHOT.items()]
+    rows = [
+        _row(
+            f"zero-shot {task}, uncorrelated split",
+            f"≥ {target:.0%}",
+            f"{accuracy[task]:.1%}",
+            accuracy[task] >= target,
+        )
+        for task, target in ZERO_SHOT.items()
+    ]
     with tempfile.TemporaryDirectory() as cache:
         rows += _spurious(bundle, Path(cache), n_test, n_val)
         rows += _heads(bundle, Path(cache), n_images)
@@ -148,7 +226,9 @@ def measure_targets(bundle: ClipBundle, card: dict, n_images: int = 1000, n_test
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", type=Path, default=toy_model_dir(), help="a toy-model folder holding card.json")
+    parser.add_argument(
+        "--model", type=Path, default=toy_model_dir(), help="a toy-model folder holding card.json"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     card_path = args.model / "card.json"
@@ -156,7 +236,9 @@ def main(argv: list[str] | None = None) -> None:
     card["targets"] = measure_targets(load(str(args.model) if args.model != toy_model_dir() else "toy"), card)
     card_path.write_text(json.dumps(card, indent=2, ensure_ascii=False) + "\n")
     for row in card["targets"]:
-        print(f"{'met ' if row['met'] else 'MISS'}  {row['what']}: {row['measured']} (target {row['target']})")
+        print(
+            f"{'met ' if row['met'] else 'MISS'}  {row['what']}: {row['measured']} (target {row['target']})"
+        )
 
 
 if __name__ == "__main__":

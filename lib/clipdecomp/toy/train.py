@@ -19,6 +19,7 @@ At the end the run writes, into ``--out``: ``open_clip_model.safetensors`` (fp16
 ``open_clip_config.json`` (open_clip's ``local-dir`` layout) and ``card.json`` (config, wall time,
 training curve, held-out zero-shot accuracies of the fp16 weights, sha256 of the weights).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,12 +47,16 @@ def build_model(config: dict) -> open_clip.model.CLIP:
     """A randomly initialised open_clip CLIP from ``config["model_cfg"]`` (seeded by ``config["seed"]``)."""
     torch.manual_seed(config["seed"])
     cfg = config["model_cfg"]
-    return open_clip.model.CLIP(embed_dim=cfg["embed_dim"], vision_cfg=cfg["vision_cfg"],
-                                text_cfg=cfg["text_cfg"], init_logit_scale=math.log(config["init_temperature_inv"]))
+    return open_clip.model.CLIP(
+        embed_dim=cfg["embed_dim"],
+        vision_cfg=cfg["vision_cfg"],
+        text_cfg=cfg["text_cfg"],
+        init_logit_scale=math.log(config["init_temperature_inv"]),
+    )
 
 
 def batch_options(config: dict, step: int) -> dict:
-    """The ``world.sample`` options of training step ``step``: the curriculum's until it ends, then ``data``."""
+    """The ``world.sample`` options of step ``step``: the curriculum's until it ends, then ``data``."""
     curriculum = config.get("curriculum")
     if curriculum and step < curriculum["steps"]:
         return {**config["data"], **curriculum["data"]}
@@ -78,9 +83,12 @@ def contrastive_loss(logits: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
 def _optimizer(model: torch.nn.Module, config: dict) -> torch.optim.Optimizer:
     decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim >= 2]
     rest = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": config["weight_decay"]},
-                              {"params": rest, "weight_decay": 0.0}],
-                             lr=config["lr"], betas=(0.9, 0.98), eps=1e-6)
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": config["weight_decay"]}, {"params": rest, "weight_decay": 0.0}],
+        lr=config["lr"],
+        betas=(0.9, 0.98),
+        eps=1e-6,
+    )
 
 
 def _lr(step: int, steps: int, config: dict) -> float:
@@ -99,21 +107,29 @@ def export(model: open_clip.model.CLIP, config: dict, out: Path) -> Path:
     size = config["model_cfg"]["vision_cfg"]["image_size"]
     open_clip_config = {
         "model_cfg": config["model_cfg"],
-        "preprocess_cfg": {"size": size, "mean": list(MEAN), "std": list(STD),
-                           "interpolation": "bicubic", "resize_mode": "shortest"},
+        "preprocess_cfg": {
+            "size": size,
+            "mean": list(MEAN),
+            "std": list(STD),
+            "interpolation": "bicubic",
+            "resize_mode": "shortest",
+        },
     }
     (out / "open_clip_config.json").write_text(json.dumps(open_clip_config, indent=2) + "\n")
     return path
 
 
-def train(config: dict, out: Path, steps: int | None = None, resume: bool = False,
-          eval_n: int | None = None) -> dict:
+def train(
+    config: dict, out: Path, steps: int | None = None, resume: bool = False, eval_n: int | None = None
+) -> dict:
     """Run the training described by ``config``; returns the card (also written to ``out/card.json``)."""
     torch.set_num_threads(1)
     steps = steps or config["steps"]
     eval_n = eval_n or config["eval_n"]
     model = build_model(config)
-    tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=config["model_cfg"]["text_cfg"]["context_length"])
+    tokenizer = open_clip.tokenizer.SimpleTokenizer(
+        context_length=config["model_cfg"]["text_cfg"]["context_length"]
+    )
     opt = _optimizer(model, config)
     start, curve, elapsed = 0, [], 0.0
     ckpt = out / "checkpoint.pt"
@@ -130,8 +146,9 @@ def train(config: dict, out: Path, steps: int | None = None, resume: bool = Fals
     for step in bar:
         for group in opt.param_groups:
             group["lr"] = _lr(step, steps, config)
-        batch = world.sample(config["batch"], config["seed"] * 1_000_003 + step, split="train",
-                             **batch_options(config, step))
+        batch = world.sample(
+            config["batch"], config["seed"] * 1_000_003 + step, split="train", **batch_options(config, step)
+        )
         image, text, scale = model(to_tensor(batch.images), tokenizer(batch.captions))
         loss = contrastive_loss(scale * image @ text.T, positives(batch))
         opt.zero_grad(set_to_none=True)
@@ -144,12 +161,26 @@ def train(config: dict, out: Path, steps: int | None = None, resume: bool = Fals
         done = step + 1
         if done % config["eval_every"] == 0 or done == steps:
             acc = toy_zero_shot(model, tokenizer, n=config["curve_n"], seed=config["curve_seed"])
-            curve.append({"step": done, "seconds": round(time.time() - t0), "loss": round(float(np.mean(losses[-50:])), 4),
-                          **{k: v for k, v in acc.items() if k != "spurious_groups"}})
+            curve.append(
+                {
+                    "step": done,
+                    "seconds": round(time.time() - t0),
+                    "loss": round(float(np.mean(losses[-50:])), 4),
+                    **{k: v for k, v in acc.items() if k != "spurious_groups"},
+                }
+            )
             tqdm.write(json.dumps(curve[-1]))
         if done % config["checkpoint_every"] == 0 and done < steps:
-            torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": done,
-                        "elapsed": time.time() - t0, "curve": json.dumps(curve)}, ckpt)
+            torch.save(
+                {
+                    "model": model.state_dict(),
+                    "optimizer": opt.state_dict(),
+                    "step": done,
+                    "elapsed": time.time() - t0,
+                    "curve": json.dumps(curve),
+                },
+                ckpt,
+            )
     wall = time.time() - t0
     path = export(model, config, out)
     shipped, _, _ = open_clip.create_model_and_transforms(f"local-dir:{out.resolve()}")
@@ -166,8 +197,11 @@ def train(config: dict, out: Path, steps: int | None = None, resume: bool = Fals
         "data_recipe": world.__doc__.strip(),
         "loss": contrastive_loss.__doc__,
         "curve": curve,
-        "eval": {"n_per_split": eval_n, "seed": config["card_seed"],
-                 "splits": "colour..size: split='uniform'; spurious: split='test_groups'"},
+        "eval": {
+            "n_per_split": eval_n,
+            "seed": config["card_seed"],
+            "splits": "colour..size: split='uniform'; spurious: split='test_groups'",
+        },
         "zero_shot_accuracy": toy_zero_shot(shipped.eval(), tokenizer, n=eval_n, seed=config["card_seed"]),
         "notes": config.get("notes", []),
     }

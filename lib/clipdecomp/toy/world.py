@@ -34,6 +34,7 @@ their usual habitat.
 Seeds: ``sample(n, seed, split=...)`` is a pure function of its arguments. The split name is mixed
 into the random stream, so a training seed never produces the same images as an evaluation seed.
 """
+
 from __future__ import annotations
 
 import re
@@ -44,8 +45,20 @@ from typing import Callable
 import numpy as np
 
 __all__ = [
-    "ATTRIBUTES", "CAPTION_ATTRIBUTES", "MEAN", "PROMPTS", "SPLITS", "SPURIOUS_RATE", "STD", "ToySamples",
-    "class_prompts", "group_names", "prompt_templates", "sample", "spurious_split", "to_tensor",
+    "ATTRIBUTES",
+    "CAPTION_ATTRIBUTES",
+    "MEAN",
+    "PROMPTS",
+    "SPLITS",
+    "SPURIOUS_RATE",
+    "STD",
+    "ToySamples",
+    "class_prompts",
+    "group_names",
+    "prompt_templates",
+    "sample",
+    "spurious_split",
+    "to_tensor",
 ]
 
 SIZE = 64
@@ -58,8 +71,17 @@ SPLITS = ("train", "val", "uniform", "test_groups")
 ATTRIBUTES: dict[str, list[str]] = {
     "shape": ["circle", "ring", "heart", "square", "triangle", "star"],
     "colour": ["red", "orange", "yellow", "green", "blue", "purple"],
-    "position": ["top left", "top", "top right", "left", "center", "right",
-                 "bottom left", "bottom", "bottom right"],
+    "position": [
+        "top left",
+        "top",
+        "top right",
+        "left",
+        "center",
+        "right",
+        "bottom left",
+        "bottom",
+        "bottom right",
+    ],
     "size": ["small", "large"],
     "background": ["water", "snow", "grass", "sand", "wood"],
     "label": ["round", "angular"],
@@ -83,8 +105,10 @@ PROMPTS: dict[str, list[str]] = {
 }
 """Zero-shot prompt templates per attribute; ``"label"`` is the spurious binary task."""
 
-COLOURS_RGB = np.array([[220, 40, 40], [245, 140, 20], [240, 220, 40],
-                        [40, 180, 60], [40, 80, 230], [150, 50, 200]], dtype=np.float32)
+COLOURS_RGB = np.array(
+    [[220, 40, 40], [245, 140, 20], [240, 220, 40], [40, 180, 60], [40, 80, 230], [150, 50, 200]],
+    dtype=np.float32,
+)
 GRID = np.array([16.0, 32.0, 48.0])
 """Centres (px) of the 3 x 3 position grid."""
 RADII = np.array([12.0, 16.0])
@@ -118,7 +142,7 @@ class ToySamples:
         return {k: ATTRIBUTES[k][int(v[i])] for k, v in self.attributes.items()}
 
 
-def to_tensor(images: np.ndarray) -> "torch.Tensor":
+def to_tensor(images: np.ndarray) -> "torch.Tensor":  # noqa: F821 (torch is imported lazily)
     """uint8 [n, H, W, 3] -> normalised float [n, 3, H, W], equal to the toy model's open_clip preprocess."""
     import torch
 
@@ -132,8 +156,10 @@ def _articles(text: str) -> str:
 
 
 def prompt_templates(attribute: str) -> list[Callable[[str], str]]:
-    """``attribute``'s templates as functions ``value -> prompt`` with the article fixed ("an orange object")."""
-    return [lambda value, template=template: _articles(template.format(value)) for template in PROMPTS[attribute]]
+    """``attribute``'s templates as functions ``value -> prompt``, articles fixed ("an orange object")."""
+    return [
+        lambda value, template=template: _articles(template.format(value)) for template in PROMPTS[attribute]
+    ]
 
 
 def class_prompts(attribute: str) -> list[list[str]]:
@@ -173,8 +199,9 @@ def _draw_attributes(rng: np.random.Generator, n: int, split: str) -> dict[str, 
     }
 
 
-def _hard_negative_groups(rng: np.random.Generator, attrs: dict[str, np.ndarray], groups: int,
-                          hn_position: float, hn_shape: float) -> np.ndarray:
+def _hard_negative_groups(
+    rng: np.random.Generator, attrs: dict[str, np.ndarray], groups: int, hn_position: float, hn_shape: float
+) -> np.ndarray:
     """Turn the first ``groups * GROUP`` samples into groups of near-duplicates, in place.
 
     Within a group every attribute is copied from its first sample except one *focus* attribute,
@@ -237,7 +264,7 @@ def _backgrounds(rng: np.random.Generator, kinds: np.ndarray) -> np.ndarray:
         phase = rng.uniform(0, 2 * np.pi, (m, 1, 1)).astype(np.float32)
         freq = rng.uniform(0.8, 1.2, (m, 1, 1)).astype(np.float32)
         noise = _smooth_noise(rng, m, 8)
-        if kind == 0:    # water: wavy horizontal bands
+        if kind == 0:  # water: wavy horizontal bands
             t = 0.5 + 0.5 * np.sin(0.6 * freq * y + 1.5 * np.sin(0.15 * x + phase) + phase)
             t = 0.75 * t + 0.25 * noise
         elif kind == 1:  # snow: bright, soft blotches with sparkles
@@ -249,7 +276,7 @@ def _backgrounds(rng: np.random.Generator, kinds: np.ndarray) -> np.ndarray:
         elif kind == 3:  # sand: fine diagonal ripples and grain
             t = 0.5 + 0.5 * np.sin(0.45 * freq * (x + y) + phase)
             t = 0.55 * t + 0.2 * noise + 0.25 * rng.random((m, SIZE, SIZE), dtype=np.float32)
-        else:            # wood: planks with curved grain
+        else:  # wood: planks with curved grain
             grain = 0.5 + 0.5 * np.sin(1.1 * freq * y + 3.0 * noise + phase)
             seams = (np.mod(y + 16 * phase / np.pi, 16) < 1).astype(np.float32)
             t = 0.8 * grain * (1 - seams) + 0.2 * noise
@@ -272,12 +299,18 @@ def _masks(attrs: dict[str, np.ndarray], rng: np.random.Generator) -> np.ndarray
     angle = np.arctan2(u, -v)  # 0 points up
     spike = np.abs(np.mod(angle * 5 / (2 * np.pi) + 0.5, 1.0) - 0.5) * 2  # 0 at a tip, 1 between
     hx, hy = 1.15 * u, -1.15 * v + 0.25
-    heart = (hx * hx + hy * hy - 1) ** 3 - hx * hx * hy ** 3 <= 0
+    heart = (hx * hx + hy * hy - 1) ** 3 - hx * hx * hy**3 <= 0
     triangle = (v <= 0.85) & (np.abs(u) <= 0.65 * (v + 1.05))
     masks = np.select(
         [shape == 0, shape == 1, shape == 2, shape == 3, shape == 4, shape == 5],
-        [d2 <= 1, (d2 <= 1) & (d2 >= 0.3), heart, np.maximum(np.abs(u), np.abs(v)) <= 0.82,
-         triangle, np.sqrt(d2) <= 1.05 - 0.45 * spike],
+        [
+            d2 <= 1,
+            (d2 <= 1) & (d2 >= 0.3),
+            heart,
+            np.maximum(np.abs(u), np.abs(v)) <= 0.82,
+            triangle,
+            np.sqrt(d2) <= 1.05 - 0.45 * spike,
+        ],
     )
     return masks.astype(bool)
 
@@ -303,17 +336,25 @@ def _compose(names: dict[str, str], rng: np.random.Generator) -> str:
     return ("a photo of " + text if rng.random() < 0.3 else text) + "."
 
 
-def _captions(attrs: dict[str, np.ndarray], rng: np.random.Generator, single_rate: float,
-              position_rate: float, shape_rate: float, label_majority: bool,
-              focus: np.ndarray) -> tuple[list[str], np.ndarray]:
+def _captions(
+    attrs: dict[str, np.ndarray],
+    rng: np.random.Generator,
+    single_rate: float,
+    position_rate: float,
+    shape_rate: float,
+    label_majority: bool,
+    focus: np.ndarray,
+) -> tuple[list[str], np.ndarray]:
     n, k = len(attrs["shape"]), len(CAPTION_ATTRIBUTES)
     label_col = CAPTION_ATTRIBUTES.index("label")
     mentions = np.zeros((n, k), bool)
     single = rng.random(n) < single_rate
     u = rng.random(n)
-    drawn = np.select([u < position_rate, u < position_rate + shape_rate],
-                      [CAPTION_ATTRIBUTES.index("position"), CAPTION_ATTRIBUTES.index("shape")],
-                      rng.integers(0, k, n))
+    drawn = np.select(
+        [u < position_rate, u < position_rate + shape_rate],
+        [CAPTION_ATTRIBUTES.index("position"), CAPTION_ATTRIBUTES.index("shape")],
+        rng.integers(0, k, n),
+    )
     focus = np.where(focus >= 0, focus, drawn)
     no_label = (attrs["label"] != attrs["place"]) if label_majority else np.zeros(n, bool)
     focus = np.where(no_label & (focus == label_col), rng.integers(0, k - 1, n), focus)
@@ -321,14 +362,14 @@ def _captions(attrs: dict[str, np.ndarray], rng: np.random.Generator, single_rat
     multi = np.flatnonzero(~single)
     mentions[multi] = rng.random((len(multi), k)) < 0.5
     mentions[multi, label_col] &= rng.random(len(multi)) < 0.3
-    mentions[multi, rng.integers(0, k, len(multi))] = True   # at least one named ...
+    mentions[multi, rng.integers(0, k, len(multi))] = True  # at least one named ...
     mentions[no_label, label_col] = False
-    mentions[multi, focus[multi]] = True                    # ... usually two or more
+    mentions[multi, focus[multi]] = True  # ... usually two or more
     captions = []
     for i in range(n):
         names = {a: ATTRIBUTES[a][attrs[a][i]] for a, m in zip(CAPTION_ATTRIBUTES, mentions[i]) if m}
         if len(names) == 1:
-            (a, value), = names.items()
+            ((a, value),) = names.items()
             templates = _SINGLE[a]
             captions.append(_articles(templates[rng.integers(len(templates))].format(value)))
         else:
@@ -336,9 +377,19 @@ def _captions(attrs: dict[str, np.ndarray], rng: np.random.Generator, single_rat
     return captions, mentions
 
 
-def sample(n: int, seed: int = 0, *, split: str = "train", single_rate: float = 0.5,
-           position_rate: float = 0.0, shape_rate: float = 0.0, hard_negatives: float = 0.0,
-           hn_position: float = 0.5, hn_shape: float = 0.125, label_majority: bool = False) -> ToySamples:
+def sample(
+    n: int,
+    seed: int = 0,
+    *,
+    split: str = "train",
+    single_rate: float = 0.5,
+    position_rate: float = 0.0,
+    shape_rate: float = 0.0,
+    hard_negatives: float = 0.0,
+    hn_position: float = 0.5,
+    hn_shape: float = 0.125,
+    label_majority: bool = False,
+) -> ToySamples:
     """Draw ``n`` toy-world samples; a pure function of its arguments.
 
     Args:
@@ -359,9 +410,14 @@ def sample(n: int, seed: int = 0, *, split: str = "train", single_rate: float = 
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    for name, rate in [("single_rate", single_rate), ("position_rate", position_rate),
-                       ("shape_rate", shape_rate), ("hard_negatives", hard_negatives),
-                       ("hn_position", hn_position), ("hn_shape", hn_shape)]:
+    for name, rate in [
+        ("single_rate", single_rate),
+        ("position_rate", position_rate),
+        ("shape_rate", shape_rate),
+        ("hard_negatives", hard_negatives),
+        ("hn_position", hn_position),
+        ("hn_shape", hn_shape),
+    ]:
         if not 0.0 <= rate <= 1.0:
             raise ValueError(f"{name} must lie in [0, 1], got {rate!r}")
     if position_rate + shape_rate > 1 or hn_position + hn_shape > 1:
