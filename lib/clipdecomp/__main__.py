@@ -11,7 +11,7 @@ Decomposes a dataset into a resumable on-disk cache (see :mod:`clipdecomp.cache`
     torchrun --nproc_per_node=8 -m clipdecomp decompose --model ViT-L-14/openai \\
         --data imagefolder:~/imagenet/val --out caches/imagenet_l14    # 8 processes build one cache together
     python -m clipdecomp verify caches/toy        # re-hash every file against the checksums written with it
-    python -m clipdecomp second-order --model toy --data toy --n 512 --layer 3 --top-k 10 --out caches/so3
+    python -m clipdecomp second-order --model toy --data toy --n-images 512 --layer 3 --out caches/so3
 
 Run the same command again after an interruption: finished shards are kept and the rest is computed
 (with any number of processes). Run it again after ``verify`` reports damage: only the damaged shards
@@ -248,7 +248,7 @@ def _second_order(args) -> None:
     indices = None
     if args.n is not None and not args.data.startswith("toy"):
         if args.n > len(dataset):
-            raise ValueError(f"--n {args.n}: the dataset {args.data} has only {len(dataset)} images.")
+            raise ValueError(f"--n-images {args.n}: the dataset {args.data} has only {len(dataset)} images.")
         indices = np.unique(np.linspace(0, len(dataset) - 1, args.n).round().astype(np.int64))
     stats = SecondOrderStats.build(bundle, dataset, args.out, args.layer, top_k=args.top_k, indices=indices,
                                    batch_size=args.batch_size, checkpoint_every=args.checkpoint_every,
@@ -299,7 +299,8 @@ def parser() -> argparse.ArgumentParser:
         second.add_argument(flag, required=True, help=help_text)
     second.add_argument("--layer", type=int, required=True, help="the MLP layer (negative counts from the end)")
     second.add_argument("--top-k", type=_integer(1), default=100, help="images kept per neuron (the paper: 100)")
-    second.add_argument("--n", type=_integer(1), help="toy: number of images; folders: an evenly spaced subset")
+    second.add_argument("--n-images", dest="n", type=_integer(1),
+                        help="toy: number of images; folders: an evenly spaced subset")
     second.add_argument("--seed", type=_integer(0), default=0, help="toy sampling seed and random-init seed")
     second.add_argument("--split", choices=["train", "val", "test", "all"], help="Waterbirds split (default test)")
     for flag, default in (("--batch-size", 32), ("--checkpoint-every", 1024), ("--workers", 0)):
