@@ -218,3 +218,11 @@ def test_ranks_with_different_inputs_are_refused_before_writing(tmp_path):
     assert [kind for kind, _ in outcomes] == ["ValueError"] * 2, outcomes
     assert "would build a cache from other inputs" in outcomes[0][1] and "dataset.seed" in outcomes[0][1]
     assert not out.exists()
+
+
+def test_a_rank_launched_without_a_process_group_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")  # what torchrun sets; the program forgot init_process_group()
+    with pytest.raises(RuntimeError, match="no torch.distributed process group is initialised.*init_process_group"):
+        DecompositionCache.build(tiny_bundle(), ToyDataset(2, preprocess=PREPROCESS), tmp_path / "c", **BUILD)
+    assert not (tmp_path / "c").exists()
