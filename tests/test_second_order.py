@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 
 import clipdecomp
@@ -239,7 +240,7 @@ def test_bad_arguments_are_refused_with_the_range(model, images):
 
 
 def test_attention_pool_towers_are_refused_with_the_reason(images):
-    siglip = pytest.importorskip("test_backends").tiny_timm_siglip()          # no CLS token: an attention pool
+    siglip = pytest.importorskip("test_backends").tiny_timm_siglip()  # no CLS token: an attention pool
     with pytest.raises(NotImplementedError, match="CLS query"):
         so.second_order(siglip, images, 0)
 
@@ -368,10 +369,12 @@ def test_an_interrupted_build_resumes_to_the_same_statistics(tmp_path, fail_at):
             getattr(resumed, name), getattr(fresh, name), rtol=1e-5, atol=1e-9, err_msg=name
         )
     assert not list((tmp_path / "r").glob("checkpoint_*")) and not list((tmp_path / "r").glob(".*tmp*"))
-    again = so.SecondOrderStats.build(
-        bundle, data, tmp_path / "r", 2, **options
-    )  # finished: nothing recomputed
+    again = so.SecondOrderStats.build(bundle, data, tmp_path / "r", 2, **options)  # done: nothing recomputed
     assert data.reads - reads == 24 - 4 - (12 if fail_at > 12 else 0) and len(again) == 12
+    manifest = json.loads((tmp_path / "r" / "manifest.json").read_text())   # killed after the arrays were
+    (tmp_path / "r" / "manifest.json").write_text(json.dumps({**manifest, "status": "building"}))  # saved
+    redone = so.SecondOrderStats.build(bundle, data, tmp_path / "r", 2, **options)
+    np.testing.assert_allclose(redone.directions, fresh.directions, rtol=1e-5, atol=1e-9)
 
 
 def test_other_inputs_a_busy_folder_and_a_foreign_folder_are_refused(tmp_path):

@@ -60,7 +60,7 @@ import shutil
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -140,15 +140,6 @@ class SecondOrder:
     def authors_units(self) -> torch.Tensor:
         """[B, N', d'] the effects in the authors' units, ``100 phi / ||z||`` in their notation."""
         return AUTHORS_SCALE * self.effects
-
-    def to(self, device: str | torch.device) -> SecondOrder:
-        return replace(
-            self,
-            **{
-                name: getattr(self, name).to(device)
-                for name in ("effects", "shared", "embedding", "norm", "neurons")
-            },
-        )
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -787,7 +778,6 @@ class SecondOrderStats:
     """
 
     def __init__(self, folder, manifest: dict):
-
         self.folder, self.manifest = folder, manifest
         for name in _STAT_ARRAYS:
             setattr(self, name, np.load(folder / "stats" / f"{name}.npy", mmap_mode="r"))
@@ -861,7 +851,6 @@ class SecondOrderStats:
     @classmethod
     def open(cls, folder, expected_key: dict | None = None) -> SecondOrderStats:
         """Open finished statistics; with ``expected_key`` (see :func:`stats_key`) refuse other inputs."""
-
         folder = Path(folder).expanduser()
         path = folder / "manifest.json"
         if not path.is_file():
@@ -1016,17 +1005,11 @@ class _StatsBuild:
     """
 
     def __init__(self, folder, key, bundle, dataset, selection, layer, neurons, later, top_k):
-        self.folder, self.key, self.bundle, self.dataset, self.selection = (
-            folder,
-            key,
-            bundle,
-            dataset,
-            selection,
-        )
+        self.folder, self.key, self.bundle, self.dataset = folder, key, bundle, dataset
+        self.selection = selection
         self.layer, self.neurons, self.later, self.top_k = layer, neurons, later, top_k
 
     def _manifest(self) -> dict:
-
         path = self.folder / "manifest.json"
         if path.is_file():
             manifest = json.loads(path.read_text(encoding="utf-8"))
@@ -1056,13 +1039,14 @@ class _StatsBuild:
 
     def _save(self, name: str, arrays: dict) -> None:
         """Write ``arrays`` into folder ``name`` atomically (temporary folder, then rename)."""
-
         tmp = self.folder / f".{name}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         try:
             for key, value in arrays.items():
                 np.save(tmp / f"{key}.npy", value)
+            if (self.folder / name).is_dir():  # left by a run killed before it marked the build complete
+                shutil.rmtree(self.folder / name)
             os.replace(tmp, self.folder / name)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -1070,7 +1054,6 @@ class _StatsBuild:
 
     def _latest(self) -> tuple[int, int, dict]:
         """(pass, position, state) of the newest complete checkpoint, or (1, 0, {}) to start afresh."""
-
         found = sorted(p.name for p in self.folder.glob("checkpoint_[12]_*") if p.is_dir())
         if not found:
             return 1, 0, {}
@@ -1079,7 +1062,6 @@ class _StatsBuild:
         return int(name.split("_")[1]), int(name.split("_")[2]), state
 
     def _checkpoint(self, pass_: int, position: int, state: dict) -> None:
-
         name = f"checkpoint_{pass_}_{position:09d}"
         self._save(name, state)
         for old in self.folder.glob("checkpoint_[12]_*"):
@@ -1097,7 +1079,6 @@ class _StatsBuild:
 
     def _effects(self, batch_size: int, every: int, start: int, num_workers: int, progress: bool, desc: str):
         """Yield ``(position, stop, effects [b, N', d'])`` over the selection from ``start``."""
-
         plan = list(self._batches(start, batch_size, every))
         images = _Images(self.dataset, tuple(vision_tower(self.bundle).image_size))
         sampler = [self.selection[a:b].tolist() for a, b in plan]
@@ -1122,7 +1103,6 @@ class _StatsBuild:
                 yield a, b, result.effects
 
     def run(self, batch_size: int, every: int, num_workers: int, progress: bool) -> None:
-
         self.folder.mkdir(parents=True, exist_ok=True)
         with _exclusive(self.folder):
             manifest = self._manifest()
@@ -1142,8 +1122,7 @@ class _StatsBuild:
                     total = block if total is None else total + block
                     if b % every == 0 or b == n:
                         self._checkpoint(1, b, {"sum": total})
-                state = {"mean": (total / n).astype(np.float32)}
-                stage, position = 2, 0
+                state, position = {"mean": (total / n).astype(np.float32)}, 0
                 self._checkpoint(2, 0, state)
             state = self._top_pass(state, batch_size, every, position, num_workers, progress)
             self._save("stats", self._finish(state))
