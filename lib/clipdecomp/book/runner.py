@@ -59,6 +59,16 @@ CHAPTER_PARAMETERS: dict[str, dict[str, dict[str, object]]] = {
             "seg_path": "$CLIPDECOMP_IMAGENET_SEG",
             "n_images": None,
         },
+        "10_second_order": {  # the follow-up paper's setting: OpenAI ViT-B-32, layer 9
+            "model_spec": "ViT-B-32/openai",
+            "dataset": "$CLIPDECOMP_IMAGENET_VAL",
+            "pool": "words",
+            "n_images": 5000,
+            "top_k": 100,
+            "n_texts": 128,
+            "seg_path": "$CLIPDECOMP_IMAGENET_SEG",
+            "batch_size": 256,
+        },
     },
 }
 
