@@ -1,9 +1,11 @@
 """Cost of the decomposition relative to a plain ``model.encode_image`` on the same batch.
 
-Measures, on random-init open_clip ViTs on CPU:
+Measures, on random-init towers on CPU (open_clip ViTs; Hugging Face CLIP; SigLIP's attention-pool
+towers through timm (open_clip's ViT-B-16-SigLIP) and through Hugging Face):
 
-* time: plain ``encode_image`` vs ``decompose`` at head level (every layer) and per patch (last 4
-  layers), same batch, same process, median of ``--repeats`` runs after one warm-up run per mode;
+* time: the backend's own forward (``encode_image``; HF's ``pooler_output``) vs ``decompose`` at head
+  level (every layer) and per patch (last 4 layers), same batch, same process, median of ``--repeats``
+  runs after one warm-up run per mode;
   batch sizes 1, 2, 4, 8 show how the cost per image grows with the batch. Both wall-clock and CPU
   time (``time.process_time``) are recorded; the verdicts use CPU time, which other programs on a
   shared machine disturb far less than wall-clock time.
@@ -15,8 +17,10 @@ Measures, on random-init open_clip ViTs on CPU:
   vs plain ``encode_image`` over the same images in batches, so cache I/O is included.
 
 Usage: ``python bench/bench_decompose.py [--quick] [--json out.json]``. ``--quick`` uses ViT-B-32 and
-ViT-B-16 with small batches. Timings use one thread (``--threads``) so they are comparable on a
-shared machine.
+ViT-B-16 with small batches. ``--models`` picks towers by name (:data:`MODELS`, or any open_clip spec)
+and ``--batches`` the batch sizes, e.g. ``--models hf-clip-B-16 ViT-B-16-SigLIP hf-siglip-B-16
+--batches 1 2 4`` for the backend rows. Timings use one thread (``--threads``) so they are comparable
+on a shared machine.
 """
 from __future__ import annotations
 
@@ -38,31 +42,50 @@ MODES = ("plain", "head", "patch")
 TARGETS = {"head": 1.3, "patch": 2.0}
 
 
+def _hf_clip_b16():
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    return CLIPVisionModelWithProjection(CLIPVisionConfig(patch_size=16, projection_dim=512, hidden_act="quick_gelu"))
+
+
+def _hf_siglip_b16():
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    return SiglipVisionModel(SiglipVisionConfig())  # the defaults are SigLIP-B/16 at 224 px
+
+
+MODELS = {"hf-clip-B-16": _hf_clip_b16, "hf-siglip-B-16": _hf_siglip_b16}
+"""Random-init Hugging Face towers by name; every other name is a clipdecomp.load spec (e.g. ViT-B-16-SigLIP)."""
+
+
 def _load(arch: str):
     import clipdecomp
 
     torch.manual_seed(0)
-    return clipdecomp.load(arch)
+    return MODELS[arch]().eval() if arch in MODELS else clipdecomp.load(arch)
 
 
-def _run(bundle, mode: str, images: torch.Tensor) -> float:
+def _run(model, mode: str, images: torch.Tensor) -> float:
     """Run one mode; returns the size in MB of what it returns (the embedding, or every decomposition field)."""
     import clipdecomp
 
     with torch.no_grad():
-        if mode == "plain":
-            out = [bundle.model.encode_image(images)]
+        if mode == "plain":  # the backend's own forward
+            out = [clipdecomp.vision_tower(model).features(images)]
         elif mode == "head":
-            parts = clipdecomp.decompose(bundle, images)
+            parts = clipdecomp.decompose(model, images)
         else:
-            parts = clipdecomp.decompose(bundle, images, spatial=True, layers=range(-4, 0))
+            parts = clipdecomp.decompose(model, images, spatial=True, layers=range(-4, 0))
     if mode != "plain":
-        out = [parts.embedding, parts.attns, parts.mlps, parts.heads, parts.cls_to_cls, parts.norm]
+        out = [t for t in (parts.embedding, parts.attns, parts.mlps, parts.heads, parts.cls_to_cls, parts.norm,
+                           parts.pool_heads, parts.pool_mlp) if t is not None]
     return sum(t.numel() * t.element_size() for t in out) / 2**20
 
 
-def _images(bundle, batch: int) -> torch.Tensor:
-    size = tuple(bundle.model.visual.image_size)
+def _images(model, batch: int) -> torch.Tensor:
+    import clipdecomp
+
+    size = clipdecomp.vision_tower(model).image_size
     return torch.randn(batch, 3, *size, generator=torch.Generator().manual_seed(batch))
 
 
@@ -178,7 +201,7 @@ def cache_scaling(arch: str, counts: list[int], batch: int) -> list[dict]:
     from clipdecomp.cache import DecompositionCache
 
     bundle = _load(arch)
-    size = tuple(bundle.model.visual.image_size)
+    size = bundle.image_size
     rows = []
     for n in counts:
         data = _RandomImages(n, size)
@@ -206,6 +229,9 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="write all measurements to this JSON file")
     parser.add_argument("--repeats", type=int, help="timed runs per mode (median reported)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument("--models", nargs="+", help="towers to time (names in MODELS or clipdecomp.load specs)")
+    parser.add_argument("--batches", nargs="+", type=int, help="batch sizes for --models (default 1 2 4)")
+    parser.add_argument("--no-cache", action="store_true", help="skip the image-count (cache build) measurement")
     parser.add_argument("--memory-probe", nargs=3, metavar=("MODEL", "MODE", "BATCH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -220,6 +246,9 @@ def main() -> None:
     else:
         plan = {"ViT-B-16": [1, 2, 4, 8], "ViT-L-14": [1, 2, 4, 8]}
         repeats, memory_batch, counts, scale_model = args.repeats or 2, 8, [8, 32], "ViT-B-16"
+    if args.models:
+        plan = {name: args.batches or [1, 2, 4] for name in args.models}
+        memory_batch = max(plan[args.models[0]])
     started = time.perf_counter()
     report = {"targets": TARGETS, "threads": args.threads, "repeats": repeats, "python": platform.python_version(),
               "torch": torch.__version__, "processor": platform.processor() or platform.machine(),
@@ -228,10 +257,10 @@ def main() -> None:
         report["timing"] += time_model(arch, batches, repeats)
     for arch in plan:
         report["memory"].append(memory_model(arch, memory_batch, args.threads))
-    report["cache"] = cache_scaling(scale_model, counts, batch=8)
+    report["cache"] = [] if args.no_cache else cache_scaling(scale_model, counts, batch=8)
     report["seconds"] = time.perf_counter() - started
 
-    print("\nSummary (median CPU-time ratio decompose / plain encode_image; targets: head <= 1.3, patch <= 2.0)")
+    print("\nSummary (median CPU-time ratio decompose / the backend's own forward; targets: head <= 1.3, patch <= 2.0)")
     for row in report["timing"]:
         verdict = " ".join(f"{m} x{row[f'{m}_cpu_ratio']:.2f} {'met' if row[f'{m}_cpu_ratio'] <= t else 'MISSED'}"
                            for m, t in TARGETS.items())

@@ -1,8 +1,9 @@
 """The same exact decomposition on Hugging Face CLIP and on SigLIP's attention-pool towers (timm and HF).
 
 Offline and random-init throughout: tiny open_clip / timm towers have their weights copied into the
-transformers classes, so the same pixels must give the same embeddings and the same terms on every
-backend. The attention-pool decomposition is also checked against a plain per-token calculation.
+transformers classes (``towers.hugging_face_twin``), so the same pixels must give the same embeddings
+and the same terms on every backend. The attention-pool decomposition is also checked against a plain
+per-token calculation.
 """
 from __future__ import annotations
 
@@ -15,13 +16,13 @@ import timm
 import torch
 import torch.nn.functional as F
 import transformers
-from transformers import (CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection, SiglipConfig,
-                          SiglipImageProcessor, SiglipModel, SiglipTextConfig, SiglipVisionConfig, SiglipVisionModel)
+from transformers import (CLIPImageProcessor, CLIPVisionModelWithProjection, SiglipConfig, SiglipImageProcessor,
+                          SiglipModel, SiglipTextConfig, SiglipVisionConfig, SiglipVisionModel)
 
 import clipdecomp
 from clipdecomp import loading, segmentation
 from clipdecomp.ablation import intervene, mean_ablate
-from clipdecomp.towers import vision_tower
+from clipdecomp.towers import hugging_face_twin, vision_tower
 from conftest import tiny_clip
 
 FIELDS = ("embedding", "attns", "mlps", "heads", "cls_to_cls", "norm")
@@ -36,76 +37,12 @@ def jitter(model: torch.nn.Module, scale: float = 0.2, seed: int = 1) -> torch.n
     return model.eval()
 
 
-@torch.no_grad()
-def hf_clip_from(visual: open_clip.transformer.VisionTransformer) -> CLIPVisionModelWithProjection:
-    """An HF CLIP vision tower holding an open_clip tower's weights (BACKENDS.md, section 3.2)."""
-    blocks = visual.transformer.resblocks
-    config = CLIPVisionConfig(hidden_size=visual.ln_post.normalized_shape[0], num_hidden_layers=len(blocks),
-                              intermediate_size=blocks[0].mlp.c_fc.out_features,
-                              num_attention_heads=blocks[0].attn.num_heads, image_size=visual.image_size[0],
-                              patch_size=visual.patch_size[0], projection_dim=visual.proj.shape[1],
-                              hidden_act="gelu", layer_norm_eps=visual.ln_post.eps)
-    hf = CLIPVisionModelWithProjection(config).eval()
-    vision = hf.vision_model
-    vision.embeddings.patch_embedding.weight.copy_(visual.conv1.weight)
-    vision.embeddings.class_embedding.copy_(visual.class_embedding)
-    vision.embeddings.position_embedding.weight.copy_(visual.positional_embedding)
-    vision.pre_layrnorm.load_state_dict(visual.ln_pre.state_dict())
-    vision.post_layernorm.load_state_dict(visual.ln_post.state_dict())
-    for block, layer in zip(blocks, vision.encoder.layers):
-        attn = layer.self_attn
-        for projection, weight, bias in zip((attn.q_proj, attn.k_proj, attn.v_proj), block.attn.in_proj_weight.chunk(3),
-                                            block.attn.in_proj_bias.chunk(3)):
-            projection.weight.copy_(weight)
-            projection.bias.copy_(bias)
-        for mine, theirs in ((attn.out_proj, block.attn.out_proj), (layer.layer_norm1, block.ln_1),
-                             (layer.layer_norm2, block.ln_2), (layer.mlp.fc1, block.mlp.c_fc),
-                             (layer.mlp.fc2, block.mlp.c_proj)):
-            mine.load_state_dict(theirs.state_dict())
-    hf.visual_projection.weight.copy_(visual.proj.T)
-    return hf
-
-
 def tiny_timm_siglip() -> torch.nn.Module:
     """timm's SigLIP ViT (attention pool, no CLS token), shrunk: 3 layers, 4 heads, width 64, 32 px."""
     torch.manual_seed(0)
     trunk = timm.create_model("vit_base_patch16_siglip_224", pretrained=False, num_classes=0, img_size=32,
                               patch_size=8, embed_dim=64, depth=3, num_heads=4)
     return jitter(trunk)
-
-
-def siglip_vision_config(trunk) -> SiglipVisionConfig:
-    return SiglipVisionConfig(hidden_size=trunk.embed_dim, num_hidden_layers=len(trunk.blocks),
-                              intermediate_size=trunk.blocks[0].mlp.fc1.out_features,
-                              num_attention_heads=trunk.blocks[0].attn.num_heads, image_size=trunk.patch_embed.img_size[0],
-                              patch_size=trunk.patch_embed.patch_size[0], hidden_act="gelu",  # timm's erf GELU
-                              layer_norm_eps=trunk.norm.eps)
-
-
-@torch.no_grad()
-def copy_timm_into_hf_siglip(trunk, hf: SiglipVisionModel) -> SiglipVisionModel:
-    """timm SigLIP weights into HF's SiglipVisionModel (AttentionPoolLatent -> the MAP pooling head)."""
-    hf.embeddings.patch_embedding.load_state_dict(trunk.patch_embed.proj.state_dict())
-    hf.embeddings.position_embedding.weight.copy_(trunk.pos_embed[0])
-    for block, layer in zip(trunk.blocks, hf.encoder.layers):
-        attn = layer.self_attn
-        for projection, weight, bias in zip((attn.q_proj, attn.k_proj, attn.v_proj), block.attn.qkv.weight.chunk(3),
-                                            block.attn.qkv.bias.chunk(3)):
-            projection.weight.copy_(weight)
-            projection.bias.copy_(bias)
-        for mine, theirs in ((attn.out_proj, block.attn.proj), (layer.layer_norm1, block.norm1),
-                             (layer.layer_norm2, block.norm2), (layer.mlp.fc1, block.mlp.fc1),
-                             (layer.mlp.fc2, block.mlp.fc2)):
-            mine.load_state_dict(theirs.state_dict())
-    hf.post_layernorm.load_state_dict(trunk.norm.state_dict())
-    pool, head = trunk.attn_pool, hf.head
-    head.probe.copy_(pool.latent)
-    head.attention.in_proj_weight.copy_(torch.cat([pool.q.weight, pool.kv.weight]))
-    head.attention.in_proj_bias.copy_(torch.cat([pool.q.bias, pool.kv.bias]))
-    for mine, theirs in ((head.attention.out_proj, pool.proj), (head.layernorm, pool.norm),
-                         (head.mlp.fc1, pool.mlp.fc1), (head.mlp.fc2, pool.mlp.fc2)):
-        mine.load_state_dict(theirs.state_dict())
-    return hf.eval()
 
 
 @pytest.fixture(scope="module")
@@ -116,13 +53,13 @@ def images() -> torch.Tensor:
 @pytest.fixture(scope="module")
 def clip_pair():
     model = jitter(tiny_clip(), scale=0.05)
-    return model, hf_clip_from(model.visual)
+    return model, hugging_face_twin(model)
 
 
 @pytest.fixture(scope="module")
 def siglip_pair():
     trunk = tiny_timm_siglip()
-    return trunk, copy_timm_into_hf_siglip(trunk, SiglipVisionModel(siglip_vision_config(trunk)))
+    return trunk, hugging_face_twin(trunk)
 
 
 def assert_same_terms(a, b, atol=1e-5):
@@ -453,3 +390,11 @@ def test_cache_and_cli_on_hugging_face_folders(tmp_path, siglip_folder, clip_pai
         parts = cache.to_decomposition()
         assert parts.readout == readout and cache.key["model"]["backend"] == bundle.tower.backend
         torch.testing.assert_close(parts.total(), expected, atol=1e-5, rtol=0)
+
+
+def test_twins_refuse_what_transformers_cannot_hold():
+    with pytest.raises(NotImplementedError, match="no layer scale"):
+        hugging_face_twin(tiny_clip(ls_init_value=0.5))
+    with pytest.raises(NotImplementedError, match="already are transformers models"):
+        hugging_face_twin(SiglipVisionModel(SiglipVisionConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                                               intermediate_size=64, image_size=32, patch_size=8)))

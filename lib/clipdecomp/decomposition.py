@@ -109,6 +109,20 @@ class Decomposition:
         total = self.embedding + self.attns.sum(1) + self.mlps.sum(1)
         return total if self.pool_mlp is None else total + self.pool_mlp
 
+    def invariants(self, embedding: torch.Tensor) -> dict[str, float]:
+        """The largest error of each identity the parts satisfy, given the backend's own normalised
+        ``embedding`` [B, d']: all parts vs the embedding; each detailed layer's heads (summed over
+        tokens when spatial) vs the layer; for attention pools, the readout's own split vs the embedding.
+        """
+        errors = {"parts vs embedding": (self.total() - embedding.to(self.attns)).abs().max().item()}
+        if self.head_layers:
+            layers = self.attns[:, list(self.head_layers)]
+            errors["heads vs their layer"] = (self.head_terms().sum(2) - layers).abs().max().item()
+        if self.pool_heads is not None:
+            pooled = self.pool_heads.flatten(1, -2).sum(1) + (0 if self.pool_mlp is None else self.pool_mlp)
+            errors["pool heads (+ pool MLP) vs embedding"] = (pooled - embedding.to(self.attns)).abs().max().item()
+        return errors
+
     def head_terms(self) -> torch.Tensor:
         """[B, L', H, d'] per-head terms, summed over tokens when the decomposition is spatial."""
         return self.heads.sum(2) if self.spatial else self.heads
@@ -219,7 +233,7 @@ def decompose(model: nn.Module | ClipBundle, images: torch.Tensor, spatial: bool
     if tower.has_cls:
         readout = _cls_readout(tower, captured["final"], features)
     else:
-        readout = _map_readout(tower, captured["final"], features, pool_mlp)
+        readout = _map_readout(tower, captured["final"], features, pool_mlp, spatial)
 
     n_layers, n_heads = tower.n_layers, tower.n_heads
     share = 1.0 / (2 * n_layers + 1)
@@ -239,7 +253,7 @@ def decompose(model: nn.Module | ClipBundle, images: torch.Tensor, spatial: bool
         embedding=piece("embed"), attns=attns, mlps=mlps,
         heads=torch.stack(heads, 1) if heads else attns.new_zeros(empty), cls_to_cls=cls_to_cls,
         norm=readout.norm, head_layers=head_layers, grid_size=tower.grid_size, spatial=spatial,
-        readout=tower.readout, pool_heads=readout.pool_heads(spatial), pool_mlp=readout.pool_mlp)
+        readout=tower.readout, pool_heads=readout.pool_heads, pool_mlp=readout.pool_mlp)
 
 
 def decompose_batches(model: nn.Module | ClipBundle, images: torch.Tensor, batch_size: int = 64,
@@ -317,7 +331,7 @@ class _Readout:
     out: torch.Tensor | None = None   # [P, Dv, d'] or [B, P, Dv, d']
     kappa: torch.Tensor | None = None  # [B, d'] per unit of share
     pool_mlp: torch.Tensor | None = None       # [B, d'] normalised ("direct" convention)
-    pool_terms: torch.Tensor | None = None     # [B, K, P, d'] normalised per (token, pool head)
+    pool_heads: torch.Tensor | None = None     # [B, P, d'] or [B, N, P, d'] (zero token-0 slot), normalised
 
     @property
     def omega_sum(self) -> torch.Tensor:
@@ -343,12 +357,6 @@ class _Readout:
             y = y + share * batch_view(self.kappa)
         return y / self.norm.view(-1, *([1] * (y.ndim - 1)))
 
-    def pool_heads(self, spatial: bool) -> torch.Tensor | None:
-        """The pool's own terms per head, or per (token, head) with the zero token-0 slot when spatial."""
-        if self.pool_terms is None:
-            return None
-        return F.pad(self.pool_terms, (0, 0, 0, 0, 1, 0)) if spatial else self.pool_terms.sum(1)
-
 
 def _norm_stats(norm: nn.LayerNorm, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """(mu, sigma, gamma, beta) of a LayerNorm applied to ``x`` [..., W], in fp32."""
@@ -368,7 +376,8 @@ def _cls_readout(tower: Tower, final: torch.Tensor, features: torch.Tensor) -> _
                     signature=_signature([*tower.final_norm.parameters(), tower.proj]))
 
 
-def _map_readout(tower: Tower, final: torch.Tensor, features: torch.Tensor, pool_mlp: PoolMLP) -> _Readout:
+def _map_readout(tower: Tower, final: torch.Tensor, features: torch.Tensor, pool_mlp: PoolMLP,
+                 spatial: bool) -> _Readout:
     pool = tower.pool
     mu, sigma, gamma, beta = _norm_stats(tower.final_norm, final)             # [B, K] statistics per token
     u = gamma * (final - mu[..., None]) / sigma[..., None] + beta            # the pool's input [B, K, W]
@@ -385,12 +394,18 @@ def _map_readout(tower: Tower, final: torch.Tensor, features: torch.Tensor, pool
     if pool_mlp == "linearised":
         out, kappa = _linearised(pool, o, out, kappa)
     omega, norm = a / sigma[:, None], features.norm(dim=-1)
-    per_token = "bpk,bkpe,pef->bkpf" if out.ndim == 3 else "bpk,bkpe,bpef->bkpf"
-    pool_terms = torch.einsum(per_token, a, values, out) + kappa[:, None, None] / (a.shape[1] * a.shape[2])
+    # the readout's own split: a^p_i u_i W_V^p W_O^p per pool head (and token, when spatial), c_0 shared equally
+    if spatial:
+        pool_heads = torch.einsum("bpk,bkpe,pef->bkpf" if out.ndim == 3 else "bpk,bkpe,bpef->bkpf", a, values, out)
+        pool_heads = F.pad(pool_heads + kappa[:, None, None] / (a.shape[1] * a.shape[2]), (0, 0, 0, 0, 1, 0))
+    else:
+        reached = torch.einsum("bpk,bkpe->bpe", a, values)
+        pool_heads = torch.einsum("bpe,pef->bpf" if out.ndim == 3 else "bpe,bpef->bpf", reached, out)
+        pool_heads = pool_heads + kappa[:, None] / a.shape[1]
     return _Readout(omega=omega, v_in=gamma[None, :, None] * w_v, g=torch.einsum("w,pwe->pe", gamma, w_v),
                     beta_v=torch.einsum("w,pwe->pe", beta, w_v), omega_mu=(omega * mu[:, None]).sum(-1),
                     norm=norm, signature=_signature([*tower.final_norm.parameters(), *pool.module.parameters()]),
-                    out=out, kappa=kappa, pool_terms=pool_terms / norm[:, None, None, None],
+                    out=out, kappa=kappa, pool_heads=pool_heads / norm.view(-1, *[1] * (pool_heads.ndim - 1)),
                     pool_mlp=pool.mlp(o) / norm[:, None] if pool_mlp == "direct" else None)
 
 

@@ -39,7 +39,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
 
-__all__ = ["AttentionWeights", "Block", "HFModel", "Pool", "SUPPORTED", "Tower", "attention", "vision_tower"]
+__all__ = ["AttentionWeights", "Block", "HFModel", "Pool", "SUPPORTED", "Tower", "attention", "hugging_face_twin",
+           "vision_tower"]
 
 SUPPORTED = ("open_clip CLIP models whose image tower is a VisionTransformer with CLS-token pooling "
              "(pool_type='tok', no attentional pooler) built from standard ResidualAttentionBlocks "
@@ -551,3 +552,91 @@ def _timm_tower(visual: nn.Module) -> Tower:
                  proj=None, image_size=_size(trunk.patch_embed.img_size),
                  patch_size=_size(trunk.patch_embed.patch_size), n_heads=trunk.blocks[0].attn.num_heads,
                  forward=visual, pool=pool)
+
+
+# ------------------------------------------------------------------------------------------------------
+# The same weights in the other library: open_clip CLIP ViT -> transformers CLIP, timm SigLIP -> transformers.
+# ------------------------------------------------------------------------------------------------------
+
+def _hf_activation(act: nn.Module) -> str:
+    """transformers' ``hidden_act`` name of an activation module."""
+    if isinstance(act, nn.GELU):
+        return "gelu" if act.approximate == "none" else "gelu_pytorch_tanh"
+    if type(act).__name__ == "QuickGELU":
+        return "quick_gelu"
+    raise NotImplementedError(f"No transformers activation matches {act}.")
+
+
+def _copy_linear(target: nn.Linear, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    target.weight.copy_(weight)
+    if target.bias is not None:
+        target.bias.copy_(bias)
+
+
+@torch.no_grad()
+def hugging_face_twin(model) -> nn.Module:
+    """The transformers model holding the same weights as an open_clip CLIP ViT or a timm SigLIP tower.
+
+    open_clip's ``VisionTransformer`` becomes a ``CLIPVisionModelWithProjection`` (module by module as in
+    the project's BACKENDS.md: ``conv1`` -> ``patch_embedding``, ``ln_pre`` -> ``pre_layrnorm``, ``in_proj``
+    -> ``q/k/v_proj``, ``c_fc/c_proj`` -> ``fc1/fc2``, ``proj`` -> ``visual_projection.weight.T``); timm's
+    attention-pool ViT (open_clip's ViT-B-16-SigLIP) becomes a ``SiglipVisionModel`` (``AttentionPoolLatent``
+    -> the MAP head: ``latent`` -> ``probe``, ``q`` and ``kv`` -> one ``in_proj``). Same pixels in, the same
+    embedding out to float rounding: one model read through two libraries. Layer scale has no transformers
+    counterpart and is refused.
+    """
+    import transformers
+
+    tower = vision_tower(model)
+    if any(not isinstance(getattr(b.module, name, nn.Identity()), nn.Identity) for b in tower.blocks
+           for name in ("ls_1", "ls_2", "ls1", "ls2")):
+        raise NotImplementedError("transformers' CLIP and SigLIP blocks have no layer scale; this tower has one.")
+    if tower.image_size[0] != tower.image_size[1] or tower.patch_size[0] != tower.patch_size[1]:
+        raise NotImplementedError("transformers' CLIP and SigLIP configs describe square images and patches only.")
+    first = tower.blocks[0]
+    sizes = dict(hidden_size=tower.width, num_hidden_layers=tower.n_layers, num_attention_heads=tower.n_heads,
+                 intermediate_size=first.mlp_out.in_features, image_size=tower.image_size[0],
+                 patch_size=tower.patch_size[0], layer_norm_eps=tower.final_norm.eps)
+    if tower.backend == "open_clip":
+        visual = tower.module
+        act = _hf_activation(first.module.mlp.gelu)
+        twin = transformers.CLIPVisionModelWithProjection(transformers.CLIPVisionConfig(
+            **sizes, projection_dim=tower.output_dim, hidden_act=act))
+        inner = twin.vision_model
+        inner.embeddings.patch_embedding.weight.copy_(visual.conv1.weight)
+        inner.embeddings.class_embedding.copy_(visual.class_embedding)
+        inner.embeddings.position_embedding.weight.copy_(visual.positional_embedding)
+        inner.pre_layrnorm.load_state_dict(visual.ln_pre.state_dict())
+        twin.visual_projection.weight.copy_(visual.proj.T)
+        norms = [(b.module.ln_1, b.module.ln_2, b.module.mlp.c_fc) for b in tower.blocks]
+    elif tower.backend == "timm-siglip":
+        trunk = tower.module.trunk if hasattr(tower.module, "trunk") else tower.module
+        if not isinstance(trunk.norm_pre, nn.Identity) or trunk.attn_pool.mlp.fc1.out_features != sizes["intermediate_size"]:
+            raise NotImplementedError("transformers' SigLIP has no pre-norm and one MLP width for blocks and head.")
+        twin = transformers.SiglipVisionModel(transformers.SiglipVisionConfig(**sizes, hidden_act=_hf_activation(
+            first.module.mlp.act)))
+        inner = twin
+        inner.embeddings.patch_embedding.load_state_dict(trunk.patch_embed.proj.state_dict())
+        inner.embeddings.position_embedding.weight.copy_(trunk.pos_embed[0])
+        pool, head = tower.pool, twin.head
+        weights = pool.weights()
+        head.probe.copy_(pool.probe()[None, None])
+        head.attention.in_proj_weight.copy_(torch.cat([weights.q, weights.k, weights.v]))
+        head.attention.in_proj_bias.copy_(torch.cat([weights.q_bias, weights.k_bias, weights.v_bias]))
+        _copy_linear(head.attention.out_proj, weights.out, weights.out_bias)
+        for mine, theirs in ((head.layernorm, pool.norm), (head.mlp.fc1, pool.fc1), (head.mlp.fc2, pool.fc2)):
+            mine.load_state_dict(theirs.state_dict())
+        norms = [(b.module.norm1, b.module.norm2, b.module.mlp.fc1) for b in tower.blocks]
+    else:
+        raise NotImplementedError(f"{tower.backend} towers already are transformers models.")
+    inner.post_layernorm.load_state_dict(tower.final_norm.state_dict())
+    for block, (norm_1, norm_2, fc_1), layer in zip(tower.blocks, norms, inner.encoder.layers):
+        weights, attn = block.weights(), layer.self_attn
+        for target, weight, bias in ((attn.q_proj, weights.q, weights.q_bias), (attn.k_proj, weights.k, weights.k_bias),
+                                     (attn.v_proj, weights.v, weights.v_bias), (attn.out_proj, weights.out,
+                                                                                 weights.out_bias)):
+            _copy_linear(target, weight, bias)
+        for mine, theirs in ((layer.layer_norm1, norm_1), (layer.layer_norm2, norm_2), (layer.mlp.fc1, fc_1),
+                             (layer.mlp.fc2, block.mlp_out)):
+            mine.load_state_dict(theirs.state_dict())
+    return twin.to(device=tower.weight.device, dtype=tower.weight.dtype).eval()
