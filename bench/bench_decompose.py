@@ -22,6 +22,7 @@ and ``--batches`` the batch sizes, e.g. ``--models hf-clip-B-16 ViT-B-16-SigLIP 
 --batches 1 2 4`` for the backend rows. Timings use one thread (``--threads``) so they are comparable
 on a shared machine.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,7 +46,9 @@ TARGETS = {"head": 1.3, "patch": 2.0}
 def _hf_clip_b16():
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
-    return CLIPVisionModelWithProjection(CLIPVisionConfig(patch_size=16, projection_dim=512, hidden_act="quick_gelu"))
+    return CLIPVisionModelWithProjection(
+        CLIPVisionConfig(patch_size=16, projection_dim=512, hidden_act="quick_gelu")
+    )
 
 
 def _hf_siglip_b16():
@@ -55,7 +58,7 @@ def _hf_siglip_b16():
 
 
 MODELS = {"hf-clip-B-16": _hf_clip_b16, "hf-siglip-B-16": _hf_siglip_b16}
-"""Random-init Hugging Face towers by name; every other name is a clipdecomp.load spec (e.g. ViT-B-16-SigLIP)."""
+"""Random-init Hugging Face towers by name; any other name is a clipdecomp.load spec (ViT-B-16-SigLIP...)."""
 
 
 def _load(arch: str):
@@ -66,7 +69,7 @@ def _load(arch: str):
 
 
 def _run(model, mode: str, images: torch.Tensor) -> float:
-    """Run one mode; returns the size in MB of what it returns (the embedding, or every decomposition field)."""
+    """Run one mode; returns the size in MB of its result (the embedding, or every decomposition field)."""
     import clipdecomp
 
     with torch.no_grad():
@@ -77,8 +80,20 @@ def _run(model, mode: str, images: torch.Tensor) -> float:
         else:
             parts = clipdecomp.decompose(model, images, spatial=True, layers=range(-4, 0))
     if mode != "plain":
-        out = [t for t in (parts.embedding, parts.attns, parts.mlps, parts.heads, parts.cls_to_cls, parts.norm,
-                           parts.pool_heads, parts.pool_mlp) if t is not None]
+        out = [
+            t
+            for t in (
+                parts.embedding,
+                parts.attns,
+                parts.mlps,
+                parts.heads,
+                parts.cls_to_cls,
+                parts.norm,
+                parts.pool_heads,
+                parts.pool_mlp,
+            )
+            if t is not None
+        ]
     return sum(t.numel() * t.element_size() for t in out) / 2**20
 
 
@@ -112,9 +127,13 @@ def time_model(arch: str, batch_sizes: list[int], repeats: int) -> list[dict]:
             row |= {f"{m}_{clock}_ratio": median[m] / median["plain"] for m in ("head", "patch")}
         row["plain_cpu_s_per_image"] = row["plain_cpu_s"] / batch
         row["raw"] = {"wall": wall, "cpu": cpu}
-        print(f"{arch:9s} B={batch:<2d} plain {row['plain_cpu_s']:6.2f} s CPU ({row['plain_cpu_s_per_image']:.2f} s/img, "
-              f"wall {row['plain_wall_s']:.2f}) | head x{row['head_cpu_ratio']:.2f} (wall x{row['head_wall_ratio']:.2f}) | "
-              f"patch x{row['patch_cpu_ratio']:.2f} (wall x{row['patch_wall_ratio']:.2f})", flush=True)
+        print(
+            f"{arch:9s} B={batch:<2d} plain {row['plain_cpu_s']:6.2f} s CPU "
+            f"({row['plain_cpu_s_per_image']:.2f} s/img, wall {row['plain_wall_s']:.2f}) | "
+            f"head x{row['head_cpu_ratio']:.2f} (wall x{row['head_wall_ratio']:.2f}) | "
+            f"patch x{row['patch_cpu_ratio']:.2f} (wall x{row['patch_wall_ratio']:.2f})",
+            flush=True,
+        )
         rows.append(row)
     return rows
 
@@ -133,7 +152,9 @@ def _torch_peak_mb(bundle, mode: str, images: torch.Tensor) -> float:
     with tempfile.TemporaryDirectory() as folder:
         prof.export_chrome_trace(f"{folder}/trace.json")
         events = json.loads(Path(f"{folder}/trace.json").read_text())["traceEvents"]
-    totals = [(e["args"]["Total Allocated"], e["args"]["Bytes"]) for e in events if e.get("name") == "[memory]"]
+    totals = [
+        (e["args"]["Total Allocated"], e["args"]["Bytes"]) for e in events if e.get("name") == "[memory]"
+    ]
     if not totals:
         return 0.0
     baseline = totals[0][0] - totals[0][1]  # allocated before the first event of the call
@@ -157,24 +178,37 @@ def memory_probe(arch: str, mode: str, batch: int) -> dict:
     before = _status_kb("VmRSS")
     output_mb = _run(bundle, mode, images)
     rss_mb = (_status_kb("VmHWM") - before) / 1024
-    return {"rss_mb": rss_mb, "torch_mb": _torch_peak_mb(bundle, mode, images), "output_mb": output_mb,
-            "rss_before_mb": before / 1024}
+    return {
+        "rss_mb": rss_mb,
+        "torch_mb": _torch_peak_mb(bundle, mode, images),
+        "output_mb": output_mb,
+        "rss_before_mb": before / 1024,
+    }
 
 
 def memory_model(arch: str, batch: int, threads: int) -> dict:
     out = {"model": arch, "batch": batch}
     for mode in MODES:
-        result = subprocess.run([sys.executable, __file__, "--memory-probe", arch, mode, str(batch),
-                                 "--threads", str(threads)], capture_output=True, text=True, check=True)
+        result = subprocess.run(
+            [sys.executable, __file__, "--memory-probe", arch, mode, str(batch), "--threads", str(threads)],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         out[mode] = json.loads(result.stdout.strip().splitlines()[-1])
     for mode in ("head", "patch"):
         for kind in ("rss", "torch"):
             out[f"{mode}_{kind}_ratio"] = out[mode][f"{kind}_mb"] / max(out["plain"][f"{kind}_mb"], 1e-9)
-    print(f"{arch:9s} B={batch:<2d} peak extra memory, resident / live tensors (output): plain "
-          f"{out['plain']['rss_mb']:.0f} / {out['plain']['torch_mb']:.0f} MB | "
-          + " | ".join(f"{m} {out[m]['rss_mb']:.0f} / {out[m]['torch_mb']:.0f} MB ({out[m]['output_mb']:.0f}) "
-                       f"x{out[m + '_rss_ratio']:.2f} / x{out[m + '_torch_ratio']:.2f}" for m in ("head", "patch")),
-          flush=True)
+    print(
+        f"{arch:9s} B={batch:<2d} peak extra memory, resident / live tensors (output): plain "
+        f"{out['plain']['rss_mb']:.0f} / {out['plain']['torch_mb']:.0f} MB | "
+        + " | ".join(
+            f"{m} {out[m]['rss_mb']:.0f} / {out[m]['torch_mb']:.0f} MB ({out[m]['output_mb']:.0f}) "
+            f"x{out[m + '_rss_ratio']:.2f} / x{out[m + '_torch_ratio']:.2f}"
+            for m in ("head", "patch")
+        ),
+        flush=True,
+    )
     return out
 
 
@@ -208,30 +242,48 @@ def cache_scaling(arch: str, counts: list[int], batch: int) -> list[dict]:
         start = time.perf_counter()
         with torch.no_grad():
             for first in range(0, n, batch):
-                bundle.model.encode_image(torch.stack([data.image(i) for i in range(first, min(n, first + batch))]))
+                bundle.model.encode_image(
+                    torch.stack([data.image(i) for i in range(first, min(n, first + batch))])
+                )
         plain = time.perf_counter() - start
         with tempfile.TemporaryDirectory() as folder:
             start = time.perf_counter()
             DecompositionCache.build(bundle, data, Path(folder) / "cache", batch_size=batch, progress=False)
             built = time.perf_counter() - start
             disk = sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
-        row = {"model": arch, "images": n, "batch": batch, "plain_s_per_image": plain / n,
-               "cache_s_per_image": built / n, "ratio": built / plain, "disk_mb_per_image": disk / n / 2**20}
-        print(f"{arch:9s} N={n:<3d} plain {plain / n:.2f} s/img | cache build {built / n:.2f} s/img "
-              f"x{row['ratio']:.2f} | {row['disk_mb_per_image']:.2f} MB/img on disk", flush=True)
+        row = {
+            "model": arch,
+            "images": n,
+            "batch": batch,
+            "plain_s_per_image": plain / n,
+            "cache_s_per_image": built / n,
+            "ratio": built / plain,
+            "disk_mb_per_image": disk / n / 2**20,
+        }
+        print(
+            f"{arch:9s} N={n:<3d} plain {plain / n:.2f} s/img | cache build {built / n:.2f} s/img "
+            f"x{row['ratio']:.2f} | {row['disk_mb_per_image']:.2f} MB/img on disk",
+            flush=True,
+        )
         rows.append(row)
     return rows
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="ViT-B-32 and ViT-B-16, small batches")
     parser.add_argument("--json", type=Path, help="write all measurements to this JSON file")
     parser.add_argument("--repeats", type=int, help="timed runs per mode (median reported)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
-    parser.add_argument("--models", nargs="+", help="towers to time (names in MODELS or clipdecomp.load specs)")
+    parser.add_argument(
+        "--models", nargs="+", help="towers to time (names in MODELS or clipdecomp.load specs)"
+    )
     parser.add_argument("--batches", nargs="+", type=int, help="batch sizes for --models (default 1 2 4)")
-    parser.add_argument("--no-cache", action="store_true", help="skip the image-count (cache build) measurement")
+    parser.add_argument(
+        "--no-cache", action="store_true", help="skip the image-count (cache build) measurement"
+    )
     parser.add_argument("--memory-probe", nargs=3, metavar=("MODEL", "MODE", "BATCH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -250,9 +302,17 @@ def main() -> None:
         plan = {name: args.batches or [1, 2, 4] for name in args.models}
         memory_batch = max(plan[args.models[0]])
     started = time.perf_counter()
-    report = {"targets": TARGETS, "threads": args.threads, "repeats": repeats, "python": platform.python_version(),
-              "torch": torch.__version__, "processor": platform.processor() or platform.machine(),
-              "timing": [], "memory": [], "cache": []}
+    report = {
+        "targets": TARGETS,
+        "threads": args.threads,
+        "repeats": repeats,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "processor": platform.processor() or platform.machine(),
+        "timing": [],
+        "memory": [],
+        "cache": [],
+    }
     for arch, batches in plan.items():
         report["timing"] += time_model(arch, batches, repeats)
     for arch in plan:
@@ -260,10 +320,15 @@ def main() -> None:
     report["cache"] = [] if args.no_cache else cache_scaling(scale_model, counts, batch=8)
     report["seconds"] = time.perf_counter() - started
 
-    print("\nSummary (median CPU-time ratio decompose / the backend's own forward; targets: head <= 1.3, patch <= 2.0)")
+    print(
+        "\nSummary (median CPU-time ratio decompose / the backend's own forward; "
+        "targets: head <= 1.3, patch <= 2.0)"
+    )
     for row in report["timing"]:
-        verdict = " ".join(f"{m} x{row[f'{m}_cpu_ratio']:.2f} {'met' if row[f'{m}_cpu_ratio'] <= t else 'MISSED'}"
-                           for m, t in TARGETS.items())
+        verdict = " ".join(
+            f"{m} x{row[f'{m}_cpu_ratio']:.2f} {'met' if row[f'{m}_cpu_ratio'] <= t else 'MISSED'}"
+            for m, t in TARGETS.items()
+        )
         print(f"  {row['model']:9s} B={row['batch']:<2d} {verdict}")
     print(f"total {report['seconds']:.0f} s")
     if args.json:

@@ -60,8 +60,8 @@ def _parse(labels: Sequence[str], n_layers: int, n_heads: int,
     return parsed
 
 
-_NO_CLS = ("cls_L components are the CLS-attends-to-CLS terms, and this tower has no CLS token (its attention "
-           "pool reads every token): ablate heads or layers instead.")
+_NO_CLS = ("cls_L components are the CLS-attends-to-CLS terms, and this tower has no CLS token "
+           "(its attention pool reads every token): ablate heads or layers instead.")
 
 
 def _part(parts: Decomposition, kind: str, layer: int, head: int, token: int) -> torch.Tensor:

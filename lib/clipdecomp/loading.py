@@ -310,8 +310,12 @@ def _reachable(host: str, timeout: float = 3.0) -> bool:
 # Hugging Face: transformers checkpoints, and open_clip models whose tokenizer lives on the Hub.
 # ------------------------------------------------------------------------------------------------------
 
-HF_MODEL_TYPES = {"clip": "CLIPModel", "clip_vision_model": "CLIPVisionModelWithProjection",
-                  "siglip": "SiglipModel", "siglip_vision_model": "SiglipVisionModel"}
+HF_MODEL_TYPES = {
+    "clip": "CLIPModel",
+    "clip_vision_model": "CLIPVisionModelWithProjection",
+    "siglip": "SiglipModel",
+    "siglip_vision_model": "SiglipVisionModel",
+}
 """transformers ``config.model_type`` -> the class loaded (``clip_vision_model`` checkpoints saved
 without a projection load as ``CLIPVisionModel``)."""
 
@@ -319,14 +323,18 @@ _HF_FILES = ["*.json", "*.txt", "*.model", "model.safetensors", "model-*.safeten
 
 
 def _is_hf_folder(path: Path) -> bool:
-    return path.is_dir() and (path / "config.json").is_file() and not (path / "open_clip_config.json").is_file()
+    return (
+        path.is_dir() and (path / "config.json").is_file() and not (path / "open_clip_config.json").is_file()
+    )
 
 
 def _hub_message(what: str, repo: str) -> str:
-    return (f"{what} comes from the Hugging Face Hub ({repo}), is not in the local cache, and huggingface.co is "
-            "unreachable from this machine. Run this where the internet is available (e.g. Google Colab: use "
-            f"the 'Open in Colab' badge), or download it elsewhere (`huggingface-cli download {repo} --local-dir "
-            "DIR`) and pass the folder, or use the offline default load('toy').")
+    return (
+        f"{what} comes from the Hugging Face Hub ({repo}), is not in the local cache, and huggingface.co is "
+        "unreachable from this machine. Run this where the internet is available (e.g. Google Colab: use "
+        f"the 'Open in Colab' badge), or download it elsewhere (`huggingface-cli download {repo} --local-dir "
+        "DIR`) and pass the folder, or use the offline default load('toy')."
+    )
 
 
 class _Unavailable:
@@ -343,23 +351,32 @@ class _Unavailable:
 
 
 def _open_clip_tokenizer(arch: str):
-    """open_clip's tokenizer for ``arch``; a Hub-hosted one (SigLIP's) that cannot be fetched fails on use only."""
+    """open_clip's tokenizer for ``arch``; a Hub-hosted one (SigLIP's) that cannot be had fails when used."""
     repo = ((open_clip.get_model_config(arch) or {}).get("text_cfg") or {}).get("hf_tokenizer_name")
     if repo:
         from huggingface_hub import try_to_load_from_cache
 
-        cached = any(isinstance(try_to_load_from_cache(repo, name), str)
-                     for name in ("tokenizer.json", "tokenizer_config.json"))
+        cached = any(
+            isinstance(try_to_load_from_cache(repo, name), str)
+            for name in ("tokenizer.json", "tokenizer_config.json")
+        )
         if not cached and not _reachable("huggingface.co"):
             return _Unavailable(_hub_message(f"The tokenizer of {arch}", repo))
     return open_clip.get_tokenizer(arch)
 
 
 class _HFPreprocess:
-    """PIL image -> [3, H, W] pixels through the checkpoint's own transformers image processor."""
+    """PIL image -> [3, H, W] pixels through the checkpoint's own transformers image processor.
+
+    ``transforms`` names the normalisation the processor applies last (a torchvision ``Normalize``), so
+    code that undoes it for display (``clipdecomp.plots.pictures``) works as for open_clip's transforms.
+    """
 
     def __init__(self, processor):
+        from torchvision.transforms import Normalize
+
         self.processor = processor
+        self.transforms = [Normalize(processor.image_mean, processor.image_std)]
 
     def __call__(self, image) -> torch.Tensor:
         return self.processor(images=image.convert("RGB"), return_tensors="pt")["pixel_values"][0]
@@ -367,7 +384,8 @@ class _HFPreprocess:
     def __repr__(self) -> str:  # recorded in cache keys: the processor's whole configuration
         import json
 
-        return f"{type(self.processor).__name__}({json.dumps(self.processor.to_dict(), sort_keys=True, default=str)})"
+        config = json.dumps(self.processor.to_dict(), sort_keys=True, default=str)
+        return f"{type(self.processor).__name__}({config})"
 
 
 class _HFTokenizer:
@@ -377,8 +395,13 @@ class _HFTokenizer:
         self.tokenizer, self.context_length = tokenizer, context_length
 
     def __call__(self, texts: Sequence[str]) -> torch.Tensor:
-        return self.tokenizer(list(texts), padding="max_length", truncation=True, max_length=self.context_length,
-                              return_tensors="pt")["input_ids"]
+        return self.tokenizer(
+            list(texts),
+            padding="max_length",
+            truncation=True,
+            max_length=self.context_length,
+            return_tensors="pt",
+        )["input_ids"]
 
 
 def _hf_snapshot(repo: str, cache_dir: str | None) -> Path:
@@ -387,7 +410,9 @@ def _hf_snapshot(repo: str, cache_dir: str | None) -> Path:
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     try:
-        return Path(snapshot_download(repo, cache_dir=cache_dir, allow_patterns=_HF_FILES, local_files_only=True))
+        return Path(
+            snapshot_download(repo, cache_dir=cache_dir, allow_patterns=_HF_FILES, local_files_only=True)
+        )
     except LocalEntryNotFoundError:  # not cached: download it if the Hub is reachable
         pass
     if not _reachable("huggingface.co"):
@@ -400,36 +425,58 @@ def _from_hugging_face(source: str, spec: str, device, precision: str, cache_dir
 
     from .towers import HFModel
 
-    folder = Path(source).expanduser() if Path(source).expanduser().is_dir() else _hf_snapshot(source, cache_dir)
+    folder = (
+        Path(source).expanduser() if Path(source).expanduser().is_dir() else _hf_snapshot(source, cache_dir)
+    )
     weights = sorted(folder.glob("*.safetensors"))
     if not (folder / "config.json").is_file() or not weights:
-        raise FileNotFoundError(f"{folder} is not a transformers checkpoint with safetensors weights (config.json and "
-                                "model.safetensors, as written by save_pretrained(folder)).")
+        raise FileNotFoundError(
+            f"{folder} is not a transformers checkpoint with safetensors weights (config.json and "
+            "model.safetensors, as written by save_pretrained(folder))."
+        )
     config = transformers.AutoConfig.from_pretrained(folder)
     name = HF_MODEL_TYPES.get(config.model_type)
     if name is None:
-        raise NotImplementedError(f"{folder} holds a {config.model_type!r} model; supported transformers models: "
-                                  f"{', '.join(sorted(set(HF_MODEL_TYPES.values())))}.")
-    if name == "CLIPVisionModelWithProjection" and "CLIPVisionModelWithProjection" not in (config.architectures or []):
+        raise NotImplementedError(
+            f"{folder} holds a {config.model_type!r} model; supported transformers models: "
+            f"{', '.join(sorted(set(HF_MODEL_TYPES.values())))}."
+        )
+    if name == "CLIPVisionModelWithProjection" and "CLIPVisionModelWithProjection" not in (
+        config.architectures or []
+    ):
         name = "CLIPVisionModel"
     dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
     if precision not in dtypes:
-        raise ValueError(f"precision must be one of {list(dtypes)} for transformers models, got {precision!r}.")
+        raise ValueError(
+            f"precision must be one of {list(dtypes)} for transformers models, got {precision!r}."
+        )
     model = getattr(transformers, name).from_pretrained(folder, dtype=dtypes[precision], use_safetensors=True)
     if not (folder / "preprocessor_config.json").is_file():
-        raise FileNotFoundError(f"{folder} has no preprocessor_config.json: save the checkpoint's processor beside the "
-                                "model (processor.save_pretrained(folder)), so images are preprocessed as in training.")
+        raise FileNotFoundError(
+            f"{folder} has no preprocessor_config.json: save the checkpoint's processor beside the "
+            "model (processor.save_pretrained(folder)), so images are preprocessed as in training."
+        )
     preprocess = _HFPreprocess(transformers.AutoImageProcessor.from_pretrained(folder))
     text_config = getattr(config, "text_config", None)
-    tokenizer = _Unavailable(f"{spec} has no text tower (an image-only checkpoint): load the full CLIPModel or "
-                             "SiglipModel checkpoint to embed texts.", NotImplementedError)
+    tokenizer = _Unavailable(
+        f"{spec} has no text tower (an image-only checkpoint): load the full CLIPModel or "
+        "SiglipModel checkpoint to embed texts.",
+        NotImplementedError,
+    )
     if text_config is not None:
         try:
-            tokenizer = _HFTokenizer(transformers.AutoTokenizer.from_pretrained(folder),
-                                     text_config.max_position_embeddings)
+            tokenizer = _HFTokenizer(
+                transformers.AutoTokenizer.from_pretrained(folder), text_config.max_position_embeddings
+            )
         except (OSError, ValueError) as error:
-            tokenizer = _Unavailable(f"No tokenizer could be read from {folder} ({error}); save it beside the model "
-                                     "(processor.save_pretrained(folder)).", FileNotFoundError)
-    sha = file_sha256(weights[0]) if len(weights) == 1 else \
-        hashlib.sha256("".join(file_sha256(path) for path in weights).encode()).hexdigest()
+            tokenizer = _Unavailable(
+                f"No tokenizer could be read from {folder} ({error}); save it beside the model "
+                "(processor.save_pretrained(folder)).",
+                FileNotFoundError,
+            )
+    sha = (
+        file_sha256(weights[0])
+        if len(weights) == 1
+        else hashlib.sha256("".join(file_sha256(path) for path in weights).encode()).hexdigest()
+    )
     return _bundle(HFModel(model.to(device)), preprocess, tokenizer, spec, sha, device)

@@ -29,6 +29,7 @@ Example:
     >>> tower.backend, tower.readout, tower.n_tokens == tower.grid_size[0] * tower.grid_size[1] + 1
     ('open_clip', 'cls', True)
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -39,16 +40,27 @@ import torch.nn as nn
 import torch.nn.functional as F
 from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
 
-__all__ = ["AttentionWeights", "Block", "HFModel", "Pool", "SUPPORTED", "Tower", "attention", "hugging_face_twin",
-           "vision_tower"]
+__all__ = [
+    "AttentionWeights",
+    "Block",
+    "HFModel",
+    "Pool",
+    "SUPPORTED",
+    "Tower",
+    "attention",
+    "hugging_face_twin",
+    "vision_tower",
+]
 
-SUPPORTED = ("open_clip CLIP models whose image tower is a VisionTransformer with CLS-token pooling "
-             "(pool_type='tok', no attentional pooler) built from standard ResidualAttentionBlocks "
-             "with nn.MultiheadAttention, e.g. ViT-B-32, ViT-B-16, ViT-L-14, ViT-H-14 and the toy model; "
-             "Hugging Face CLIPModel, CLIPVisionModelWithProjection and CLIPVisionModel; Hugging Face "
-             "SiglipModel and SiglipVisionModel with their attention-pool head; timm attention-pool "
-             "VisionTransformers without prefix tokens (open_clip's ViT-B-16-SigLIP family), alone or as "
-             "open_clip's TimmModel tower")
+SUPPORTED = (
+    "open_clip CLIP models whose image tower is a VisionTransformer with CLS-token pooling "
+    "(pool_type='tok', no attentional pooler) built from standard ResidualAttentionBlocks "
+    "with nn.MultiheadAttention, e.g. ViT-B-32, ViT-B-16, ViT-L-14, ViT-H-14 and the toy model; "
+    "Hugging Face CLIPModel, CLIPVisionModelWithProjection and CLIPVisionModel; Hugging Face "
+    "SiglipModel and SiglipVisionModel with their attention-pool head; timm attention-pool "
+    "VisionTransformers without prefix tokens (open_clip's ViT-B-16-SigLIP family), alone or as "
+    "open_clip's TimmModel tower"
+)
 
 
 @dataclass(frozen=True)
@@ -81,8 +93,9 @@ class AttentionWeights:
         """[..., H*Dh] -> [..., H, Dh]."""
         return x.unflatten(-1, (self.n_heads, self.head_dim))
 
-    def write(self, mixed: torch.Tensor, heads: Sequence[int] | None = None,
-              bias: bool = True) -> torch.Tensor:
+    def write(
+        self, mixed: torch.Tensor, heads: Sequence[int] | None = None, bias: bool = True
+    ) -> torch.Tensor:
         """What heads write to the residual stream: [B, N, H', Dh] head outputs -> [B, N, W].
 
         ``heads`` (default all) names the heads in ``mixed``; ``bias`` adds the out-projection's bias.
@@ -94,8 +107,12 @@ class AttentionWeights:
         return (written + self.out_bias if bias else written) * self.layer_scale
 
 
-def attention(weights: AttentionWeights, u: torch.Tensor, heads: Sequence[int] | None = None,
-              queries: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def attention(
+    weights: AttentionWeights,
+    u: torch.Tensor,
+    heads: Sequence[int] | None = None,
+    queries: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention over ``u`` [B, N, W] recomputed from the parameters, for ``heads`` (default all).
 
     ``queries`` [B, Q, W] are the inputs of the query projection (default ``u``: self-attention).
@@ -105,7 +122,7 @@ def attention(weights: AttentionWeights, u: torch.Tensor, heads: Sequence[int] |
     chosen = list(range(weights.n_heads)) if heads is None else list(heads)
 
     def project(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return weights.split(x @ w.T + b)[:, :, chosen].transpose(1, 2)          # [B, H', tokens, Dh]
+        return weights.split(x @ w.T + b)[:, :, chosen].transpose(1, 2)  # [B, H', tokens, Dh]
 
     q = project(u if queries is None else queries, weights.q, weights.q_bias)
     k, v = project(u, weights.k, weights.k_bias), project(u, weights.v, weights.v_bias)
@@ -169,12 +186,13 @@ class Pool:
         return self.read_probe()
 
     def attention(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The pool's attention over ``u`` [B, N, W]: (outputs [B, 1, H', Dh], probabilities [B, H', 1, N])."""
+        """The pool's attention over ``u`` [B, N, W]: outputs [B, 1, H', Dh], probabilities [B, H', 1, N]."""
         probe = self.probe().to(u.dtype).expand(u.shape[0], 1, -1)
         return attention(self.weights(), u, queries=probe)
 
     def mlp(self, o: torch.Tensor) -> torch.Tensor:
         """The residual MLP's output for pooled vectors ``o`` [..., W], computed in ``o``'s dtype."""
+
         def linear(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
             bias = layer.bias.to(x.dtype) if layer.bias is not None else None
             return F.linear(x, layer.weight.to(x.dtype), bias)
@@ -257,16 +275,22 @@ class Tower:
     def check_images(self, images: torch.Tensor) -> torch.Tensor:
         """A preprocessed [B, 3, H, W] batch, moved to the tower's device and dtype; bad input is refused."""
         if not isinstance(images, torch.Tensor):
-            raise TypeError("images must be a torch.Tensor [B, 3, H, W] from the model's preprocess, got "
-                            f"{type(images).__name__}.")
+            raise TypeError(
+                "images must be a torch.Tensor [B, 3, H, W] from the model's preprocess, got "
+                f"{type(images).__name__}."
+            )
         rows, cols = self.image_size
         if images.ndim != 4 or images.shape[1] != 3 or tuple(images.shape[2:]) != (rows, cols):
-            raise ValueError(f"images must have shape [B, 3, {rows}, {cols}] (preprocessed, RGB), got "
-                             f"{list(images.shape)}. Apply the bundle's preprocess to each image and "
-                             "torch.stack them (bundle.preprocess_batch does both).")
+            raise ValueError(
+                f"images must have shape [B, 3, {rows}, {cols}] (preprocessed, RGB), got "
+                f"{list(images.shape)}. Apply the bundle's preprocess to each image and "
+                "torch.stack them (bundle.preprocess_batch does both)."
+            )
         if not images.is_floating_point():
-            raise TypeError(f"images must be a float tensor (normalised by preprocess), got {images.dtype}; "
-                            "uint8 pixels must go through the model's preprocess first.")
+            raise TypeError(
+                f"images must be a float tensor (normalised by preprocess), got {images.dtype}; "
+                "uint8 pixels must go through the model's preprocess first."
+            )
         if not torch.isfinite(images).all():
             raise ValueError("images contain NaN or Inf values; check the image files and preprocessing.")
         return images.to(device=self.weight.device, dtype=self.weight.dtype)
@@ -285,15 +309,22 @@ class Tower:
 
     def describe(self) -> dict:
         """The tower's shape, as JSON-able facts (recorded in cache keys)."""
-        facts = {"layers": self.n_layers, "width": self.width, "image_size": list(self.image_size),
-                 "patch_size": list(self.patch_size)}
+        facts = {
+            "layers": self.n_layers,
+            "width": self.width,
+            "image_size": list(self.image_size),
+            "patch_size": list(self.patch_size),
+        }
         if self.backend == "open_clip":
             return facts
         import timm
         import transformers
 
-        versions = {"timm": timm.__version__} if self.backend == "timm-siglip" else \
-            {"transformers": transformers.__version__}
+        versions = (
+            {"timm": timm.__version__}
+            if self.backend == "timm-siglip"
+            else {"transformers": transformers.__version__}
+        )
         return facts | {"backend": self.backend, "readout": self.readout} | versions
 
 
@@ -327,10 +358,14 @@ class HFModel(nn.Module):
 
     def encode_text(self, tokens: torch.Tensor, normalize: bool = False) -> torch.Tensor:
         if not hasattr(self.hf, "get_text_features"):
-            raise NotImplementedError(f"{type(self.hf).__name__} is an image-only checkpoint: it has no text tower. "
-                                      "Load the full model (CLIPModel or SiglipModel) to embed texts.")
+            raise NotImplementedError(
+                f"{type(self.hf).__name__} is an image-only checkpoint: it has no text tower. "
+                "Load the full model (CLIPModel or SiglipModel) to embed texts."
+            )
         out = self.hf.get_text_features(input_ids=tokens)
-        features = out if isinstance(out, torch.Tensor) else out.pooler_output  # transformers 5 returns outputs
+        features = (
+            out if isinstance(out, torch.Tensor) else out.pooler_output
+        )  # transformers 5 returns outputs
         return F.normalize(features, dim=-1) if normalize else features
 
 
@@ -378,20 +413,37 @@ def _layer_scale(module: nn.Module, width: int, like: torch.Tensor) -> torch.Ten
     return gamma if gamma is not None else torch.ones(width, dtype=like.dtype, device=like.device)
 
 
-def _packed_weights(in_weight: torch.Tensor, in_bias: torch.Tensor | None, out: nn.Linear, n_heads: int,
-                    layer_scale: torch.Tensor | None = None, scale: float | None = None) -> AttentionWeights:
+def _packed_weights(
+    in_weight: torch.Tensor,
+    in_bias: torch.Tensor | None,
+    out: nn.Linear,
+    n_heads: int,
+    layer_scale: torch.Tensor | None = None,
+    scale: float | None = None,
+) -> AttentionWeights:
     """AttentionWeights from a packed [3*H*Dh, W] q/k/v projection (nn.MultiheadAttention, timm)."""
     q, k, v = in_weight.chunk(3)
     q_bias, k_bias, v_bias = _bias(in_bias, in_weight).chunk(3)
     head_dim = q.shape[0] // n_heads
-    return AttentionWeights(q, q_bias, k, k_bias, v, v_bias, out.weight, _bias(out.bias, out.weight),
-                            layer_scale if layer_scale is not None else torch.ones_like(out.weight[:, 0]),
-                            n_heads, scale if scale is not None else head_dim ** -0.5)
+    return AttentionWeights(
+        q,
+        q_bias,
+        k,
+        k_bias,
+        v,
+        v_bias,
+        out.weight,
+        _bias(out.bias, out.weight),
+        layer_scale if layer_scale is not None else torch.ones_like(out.weight[:, 0]),
+        n_heads,
+        scale if scale is not None else head_dim**-0.5,
+    )
 
 
 # ------------------------------------------------------------------------------------------------------
 # open_clip VisionTransformer: ln_pre, resblocks (ln_1, attn, ls_1, ln_2, mlp, ls_2), ln_post, proj.
 # ------------------------------------------------------------------------------------------------------
+
 
 def _open_clip_tower(visual: VisionTransformer) -> Tower:
     if visual.attn_pool is not None or visual.pool_type != "tok":
@@ -409,16 +461,37 @@ def _open_clip_tower(visual: VisionTransformer) -> Tower:
 
     def weights(block: ResidualAttentionBlock) -> AttentionWeights:
         attn = block.attn
-        return _packed_weights(attn.in_proj_weight, attn.in_proj_bias, attn.out_proj, attn.num_heads,
-                               _layer_scale(block.ls_1, attn.embed_dim, attn.in_proj_weight))
+        return _packed_weights(
+            attn.in_proj_weight,
+            attn.in_proj_bias,
+            attn.out_proj,
+            attn.num_heads,
+            _layer_scale(block.ls_1, attn.embed_dim, attn.in_proj_weight),
+        )
 
-    blocks = tuple(Block(module=b, attn_input=b.ln_1, attn_write=b.ls_1, mlp_write=b.ls_2,
-                         mlp_out=b.mlp.c_proj, read_weights=lambda b=b: weights(b))
-                   for b in visual.transformer.resblocks)
-    return Tower(backend="open_clip", module=visual, blocks=blocks, embed=visual.ln_pre,
-                 final_norm=visual.ln_post, proj=visual.proj, image_size=tuple(visual.image_size),
-                 patch_size=tuple(visual.patch_size), n_heads=blocks[0].module.attn.num_heads,
-                 forward=forward)
+    blocks = tuple(
+        Block(
+            module=b,
+            attn_input=b.ln_1,
+            attn_write=b.ls_1,
+            mlp_write=b.ls_2,
+            mlp_out=b.mlp.c_proj,
+            read_weights=lambda b=b: weights(b),
+        )
+        for b in visual.transformer.resblocks
+    )
+    return Tower(
+        backend="open_clip",
+        module=visual,
+        blocks=blocks,
+        embed=visual.ln_pre,
+        final_norm=visual.ln_post,
+        proj=visual.proj,
+        image_size=tuple(visual.image_size),
+        patch_size=tuple(visual.patch_size),
+        n_heads=blocks[0].module.attn.num_heads,
+        forward=forward,
+    )
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -426,6 +499,7 @@ def _open_clip_tower(visual: VisionTransformer) -> Tower:
 # modules one level deeper, as ``vision_model``). Encoder layers: layer_norm1, self_attn (q/k/v/out_proj),
 # layer_norm2, mlp (fc1, activation_fn, fc2); no layer scale.
 # ------------------------------------------------------------------------------------------------------
+
 
 def _hf_inner(vision: nn.Module) -> nn.Module:
     """The module holding embeddings/encoder/post_layernorm (transformers 4.x nests it as vision_model)."""
@@ -436,16 +510,32 @@ def _hf_blocks(inner: nn.Module) -> tuple[Block, ...]:
     def weights(layer: nn.Module) -> AttentionWeights:
         attn = layer.self_attn
         ones = torch.ones_like(attn.out_proj.weight[:, 0])
-        return AttentionWeights(attn.q_proj.weight, _bias(attn.q_proj.bias, attn.q_proj.weight),
-                                attn.k_proj.weight, _bias(attn.k_proj.bias, attn.k_proj.weight),
-                                attn.v_proj.weight, _bias(attn.v_proj.bias, attn.v_proj.weight),
-                                attn.out_proj.weight, _bias(attn.out_proj.bias, attn.out_proj.weight), ones,
-                                attn.num_heads, float(attn.scale))
+        return AttentionWeights(
+            attn.q_proj.weight,
+            _bias(attn.q_proj.bias, attn.q_proj.weight),
+            attn.k_proj.weight,
+            _bias(attn.k_proj.bias, attn.k_proj.weight),
+            attn.v_proj.weight,
+            _bias(attn.v_proj.bias, attn.v_proj.weight),
+            attn.out_proj.weight,
+            _bias(attn.out_proj.bias, attn.out_proj.weight),
+            ones,
+            attn.num_heads,
+            float(attn.scale),
+        )
 
-    return tuple(Block(module=layer, attn_input=layer.layer_norm1, attn_write=layer.self_attn.out_proj,
-                       mlp_write=layer.mlp, mlp_out=layer.mlp.fc2, mixed_input=layer.self_attn.out_proj,
-                       read_weights=lambda layer=layer: weights(layer))
-                 for layer in inner.encoder.layers)
+    return tuple(
+        Block(
+            module=layer,
+            attn_input=layer.layer_norm1,
+            attn_write=layer.self_attn.out_proj,
+            mlp_write=layer.mlp,
+            mlp_out=layer.mlp.fc2,
+            mixed_input=layer.self_attn.out_proj,
+            read_weights=lambda layer=layer: weights(layer),
+        )
+        for layer in inner.encoder.layers
+    )
 
 
 def _size(value) -> tuple[int, int]:
@@ -459,20 +549,36 @@ def _hf_clip_tower(model: nn.Module) -> Tower:
     if projection is not None and projection.bias is not None:
         raise _refuse("A CLIP visual projection with a bias")
     config = inner.config
-    proj = projection.weight.T if projection is not None else torch.eye(
-        config.hidden_size, dtype=inner.post_layernorm.weight.dtype, device=inner.post_layernorm.weight.device)
+    proj = (
+        projection.weight.T
+        if projection is not None
+        else torch.eye(
+            config.hidden_size,
+            dtype=inner.post_layernorm.weight.dtype,
+            device=inner.post_layernorm.weight.device,
+        )
+    )
 
     def forward(images: torch.Tensor) -> torch.Tensor:
-        pooled = vision(pixel_values=images).pooler_output                       # post_layernorm(CLS)
+        pooled = vision(pixel_values=images).pooler_output  # post_layernorm(CLS)
         return projection(pooled) if projection is not None else pooled
 
     def extra_state() -> dict[str, torch.Tensor]:
         return {"visual_projection.weight": projection.weight} if projection is not None else {}
 
-    return Tower(backend="hf-clip", module=vision, blocks=_hf_blocks(inner), embed=inner.pre_layrnorm,
-                 final_norm=inner.post_layernorm, proj=proj, image_size=_size(config.image_size),
-                 patch_size=_size(config.patch_size), n_heads=config.num_attention_heads, forward=forward,
-                 extra_state=extra_state)
+    return Tower(
+        backend="hf-clip",
+        module=vision,
+        blocks=_hf_blocks(inner),
+        embed=inner.pre_layrnorm,
+        final_norm=inner.post_layernorm,
+        proj=proj,
+        image_size=_size(config.image_size),
+        patch_size=_size(config.patch_size),
+        n_heads=config.num_attention_heads,
+        forward=forward,
+        extra_state=extra_state,
+    )
 
 
 def _hf_siglip_tower(model: nn.Module) -> Tower:
@@ -482,18 +588,35 @@ def _hf_siglip_tower(model: nn.Module) -> Tower:
         raise _refuse("A SigLIP vision model without its attention-pool head (vision_use_head=False)")
     head, config = inner.head, inner.config
     attn = head.attention
-    pool = Pool(module=head, attn_write=attn, norm=head.layernorm, fc1=head.mlp.fc1, act=head.mlp.activation_fn,
-                fc2=head.mlp.fc2, read_probe=lambda: head.probe[0, 0],
-                read_weights=lambda: _packed_weights(attn.in_proj_weight, attn.in_proj_bias, attn.out_proj,
-                                                     attn.num_heads))
+    pool = Pool(
+        module=head,
+        attn_write=attn,
+        norm=head.layernorm,
+        fc1=head.mlp.fc1,
+        act=head.mlp.activation_fn,
+        fc2=head.mlp.fc2,
+        read_probe=lambda: head.probe[0, 0],
+        read_weights=lambda: _packed_weights(
+            attn.in_proj_weight, attn.in_proj_bias, attn.out_proj, attn.num_heads
+        ),
+    )
 
     def forward(images: torch.Tensor) -> torch.Tensor:
-        return vision(pixel_values=images).pooler_output                          # head(post_layernorm(x))
+        return vision(pixel_values=images).pooler_output  # head(post_layernorm(x))
 
-    return Tower(backend="hf-siglip", module=vision, blocks=_hf_blocks(inner), embed=inner.embeddings,
-                 final_norm=inner.post_layernorm, proj=None, image_size=_size(config.image_size),
-                 patch_size=_size(config.patch_size), n_heads=config.num_attention_heads, forward=forward,
-                 pool=pool)
+    return Tower(
+        backend="hf-siglip",
+        module=vision,
+        blocks=_hf_blocks(inner),
+        embed=inner.embeddings,
+        final_norm=inner.post_layernorm,
+        proj=None,
+        image_size=_size(config.image_size),
+        patch_size=_size(config.patch_size),
+        n_heads=config.num_attention_heads,
+        forward=forward,
+        pool=pool,
+    )
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -502,61 +625,128 @@ def _hf_siglip_tower(model: nn.Module) -> Tower:
 # (latent, q, kv, proj, norm, mlp). open_clip's TimmModel puts ``head`` (empty for SigLIP) after it.
 # ------------------------------------------------------------------------------------------------------
 
+
 def _timm_tower(visual: nn.Module) -> Tower:
     from timm.layers import AttentionPoolLatent
-    from timm.models.vision_transformer import Attention, Block as TimmBlock
+    from timm.models.vision_transformer import Attention
+    from timm.models.vision_transformer import Block as TimmBlock
 
     trunk = visual.trunk if type(visual).__name__ == "TimmModel" else visual
     if type(visual).__name__ == "TimmModel" and len(visual.head) > 0:
-        raise _refuse(f"A TimmModel tower with a projection head ({', '.join(n for n, _ in visual.head.named_children())})")
+        raise _refuse(
+            "A TimmModel tower with a projection head ("
+            + ", ".join(n for n, _ in visual.head.named_children())
+            + ")"
+        )
     if not _is_timm_vit(trunk):
         raise _refuse(f"timm trunk {type(trunk).__name__}")
     pool_module = getattr(trunk, "attn_pool", None)
     if not isinstance(pool_module, AttentionPoolLatent):
-        raise _refuse(f"Pooling {trunk.global_pool!r} of a timm VisionTransformer (only attention pools: 'map')")
+        raise _refuse(
+            f"Pooling {trunk.global_pool!r} of a timm VisionTransformer (only attention pools: 'map')"
+        )
     if trunk.num_prefix_tokens or getattr(trunk, "dynamic_img_size", False):
         raise _refuse("A timm VisionTransformer with class/register tokens or dynamic image size")
-    if pool_module.latent_len != 1 or pool_module.pos_embed is not None or pool_module.mlp is None or \
-            not all(isinstance(m, nn.Identity) for m in (pool_module.q_norm, pool_module.k_norm)):
-        raise _refuse("An attention pool with several latents, its own position embedding, query/key norms or no MLP")
+    if (
+        pool_module.latent_len != 1
+        or pool_module.pos_embed is not None
+        or pool_module.mlp is None
+        or not all(isinstance(m, nn.Identity) for m in (pool_module.q_norm, pool_module.k_norm))
+    ):
+        raise _refuse(
+            "An attention pool with several latents, its own position embedding, query/key norms or no MLP"
+        )
     if not all(isinstance(m, nn.Identity) for m in (trunk.fc_norm, trunk.head)):
         raise _refuse("A timm VisionTransformer with a classifier head (create it with num_classes=0)")
     for block in trunk.blocks:
         attn = getattr(block, "attn", None)
-        plain = type(block) is TimmBlock and type(attn) is Attention and getattr(attn, "gate", None) is None and \
-            all(isinstance(m, nn.Identity) for m in (attn.q_norm, attn.k_norm, attn.norm))
+        plain = (
+            type(block) is TimmBlock
+            and type(attn) is Attention
+            and getattr(attn, "gate", None) is None
+            and all(isinstance(m, nn.Identity) for m in (attn.q_norm, attn.k_norm, attn.norm))
+        )
         if not plain:
             raise _refuse(f"timm block {type(block).__name__} (q/k norms, gates or a custom attention)")
 
     def weights(block: nn.Module) -> AttentionWeights:
         attn = block.attn
-        return _packed_weights(attn.qkv.weight, attn.qkv.bias, attn.proj, attn.num_heads,
-                               _layer_scale(block.ls1, attn.proj.weight.shape[0], attn.qkv.weight), attn.scale)
+        return _packed_weights(
+            attn.qkv.weight,
+            attn.qkv.bias,
+            attn.proj,
+            attn.num_heads,
+            _layer_scale(block.ls1, attn.proj.weight.shape[0], attn.qkv.weight),
+            attn.scale,
+        )
 
     def pool_weights() -> AttentionWeights:
         q = pool_module.q
-        q_weight = q.weight if isinstance(q, nn.Linear) else torch.eye(pool_module.latent_dim).to(pool_module.kv.weight)
+        q_weight = (
+            q.weight
+            if isinstance(q, nn.Linear)
+            else torch.eye(pool_module.latent_dim).to(pool_module.kv.weight)
+        )
         q_bias = _bias(q.bias if isinstance(q, nn.Linear) else None, q_weight)
         k, v = pool_module.kv.weight.chunk(2)
         k_bias, v_bias = _bias(pool_module.kv.bias, pool_module.kv.weight).chunk(2)
         out = pool_module.proj
-        return AttentionWeights(q_weight, q_bias, k, k_bias, v, v_bias, out.weight, _bias(out.bias, out.weight),
-                                torch.ones_like(out.weight[:, 0]), pool_module.num_heads, pool_module.scale)
+        return AttentionWeights(
+            q_weight,
+            q_bias,
+            k,
+            k_bias,
+            v,
+            v_bias,
+            out.weight,
+            _bias(out.bias, out.weight),
+            torch.ones_like(out.weight[:, 0]),
+            pool_module.num_heads,
+            pool_module.scale,
+        )
 
     mlp = pool_module.mlp
-    pool = Pool(module=pool_module, attn_write=pool_module.proj, norm=pool_module.norm, fc1=mlp.fc1, act=mlp.act,
-                fc2=mlp.fc2, read_weights=pool_weights, read_probe=lambda: pool_module.latent[0, 0])
-    blocks = tuple(Block(module=b, attn_input=b.norm1, attn_write=b.ls1, mlp_write=b.ls2, mlp_out=b.mlp.fc2,
-                         mixed_input=b.attn.proj, read_weights=lambda b=b: weights(b)) for b in trunk.blocks)
-    return Tower(backend="timm-siglip", module=visual, blocks=blocks, embed=trunk.norm_pre, final_norm=trunk.norm,
-                 proj=None, image_size=_size(trunk.patch_embed.img_size),
-                 patch_size=_size(trunk.patch_embed.patch_size), n_heads=trunk.blocks[0].attn.num_heads,
-                 forward=visual, pool=pool)
+    pool = Pool(
+        module=pool_module,
+        attn_write=pool_module.proj,
+        norm=pool_module.norm,
+        fc1=mlp.fc1,
+        act=mlp.act,
+        fc2=mlp.fc2,
+        read_weights=pool_weights,
+        read_probe=lambda: pool_module.latent[0, 0],
+    )
+    blocks = tuple(
+        Block(
+            module=b,
+            attn_input=b.norm1,
+            attn_write=b.ls1,
+            mlp_write=b.ls2,
+            mlp_out=b.mlp.fc2,
+            mixed_input=b.attn.proj,
+            read_weights=lambda b=b: weights(b),
+        )
+        for b in trunk.blocks
+    )
+    return Tower(
+        backend="timm-siglip",
+        module=visual,
+        blocks=blocks,
+        embed=trunk.norm_pre,
+        final_norm=trunk.norm,
+        proj=None,
+        image_size=_size(trunk.patch_embed.img_size),
+        patch_size=_size(trunk.patch_embed.patch_size),
+        n_heads=trunk.blocks[0].attn.num_heads,
+        forward=visual,
+        pool=pool,
+    )
 
 
 # ------------------------------------------------------------------------------------------------------
 # The same weights in the other library: open_clip CLIP ViT -> transformers CLIP, timm SigLIP -> transformers.
 # ------------------------------------------------------------------------------------------------------
+
 
 def _hf_activation(act: nn.Module) -> str:
     """transformers' ``hidden_act`` name of an activation module."""
@@ -588,20 +778,34 @@ def hugging_face_twin(model) -> nn.Module:
     import transformers
 
     tower = vision_tower(model)
-    if any(not isinstance(getattr(b.module, name, nn.Identity()), nn.Identity) for b in tower.blocks
-           for name in ("ls_1", "ls_2", "ls1", "ls2")):
-        raise NotImplementedError("transformers' CLIP and SigLIP blocks have no layer scale; this tower has one.")
+    if any(
+        not isinstance(getattr(b.module, name, nn.Identity()), nn.Identity)
+        for b in tower.blocks
+        for name in ("ls_1", "ls_2", "ls1", "ls2")
+    ):
+        raise NotImplementedError(
+            "transformers' CLIP and SigLIP blocks have no layer scale; this tower has one."
+        )
     if tower.image_size[0] != tower.image_size[1] or tower.patch_size[0] != tower.patch_size[1]:
-        raise NotImplementedError("transformers' CLIP and SigLIP configs describe square images and patches only.")
+        raise NotImplementedError(
+            "transformers' CLIP and SigLIP configs describe square images and patches only."
+        )
     first = tower.blocks[0]
-    sizes = dict(hidden_size=tower.width, num_hidden_layers=tower.n_layers, num_attention_heads=tower.n_heads,
-                 intermediate_size=first.mlp_out.in_features, image_size=tower.image_size[0],
-                 patch_size=tower.patch_size[0], layer_norm_eps=tower.final_norm.eps)
+    sizes = dict(
+        hidden_size=tower.width,
+        num_hidden_layers=tower.n_layers,
+        num_attention_heads=tower.n_heads,
+        intermediate_size=first.mlp_out.in_features,
+        image_size=tower.image_size[0],
+        patch_size=tower.patch_size[0],
+        layer_norm_eps=tower.final_norm.eps,
+    )
     if tower.backend == "open_clip":
         visual = tower.module
         act = _hf_activation(first.module.mlp.gelu)
-        twin = transformers.CLIPVisionModelWithProjection(transformers.CLIPVisionConfig(
-            **sizes, projection_dim=tower.output_dim, hidden_act=act))
+        twin = transformers.CLIPVisionModelWithProjection(
+            transformers.CLIPVisionConfig(**sizes, projection_dim=tower.output_dim, hidden_act=act)
+        )
         inner = twin.vision_model
         inner.embeddings.patch_embedding.weight.copy_(visual.conv1.weight)
         inner.embeddings.class_embedding.copy_(visual.class_embedding)
@@ -611,10 +815,16 @@ def hugging_face_twin(model) -> nn.Module:
         norms = [(b.module.ln_1, b.module.ln_2, b.module.mlp.c_fc) for b in tower.blocks]
     elif tower.backend == "timm-siglip":
         trunk = tower.module.trunk if hasattr(tower.module, "trunk") else tower.module
-        if not isinstance(trunk.norm_pre, nn.Identity) or trunk.attn_pool.mlp.fc1.out_features != sizes["intermediate_size"]:
-            raise NotImplementedError("transformers' SigLIP has no pre-norm and one MLP width for blocks and head.")
-        twin = transformers.SiglipVisionModel(transformers.SiglipVisionConfig(**sizes, hidden_act=_hf_activation(
-            first.module.mlp.act)))
+        if (
+            not isinstance(trunk.norm_pre, nn.Identity)
+            or trunk.attn_pool.mlp.fc1.out_features != sizes["intermediate_size"]
+        ):
+            raise NotImplementedError(
+                "transformers' SigLIP has no pre-norm and one MLP width for blocks and head."
+            )
+        twin = transformers.SiglipVisionModel(
+            transformers.SiglipVisionConfig(**sizes, hidden_act=_hf_activation(first.module.mlp.act))
+        )
         inner = twin
         inner.embeddings.patch_embedding.load_state_dict(trunk.patch_embed.proj.state_dict())
         inner.embeddings.position_embedding.weight.copy_(trunk.pos_embed[0])
@@ -632,11 +842,18 @@ def hugging_face_twin(model) -> nn.Module:
     inner.post_layernorm.load_state_dict(tower.final_norm.state_dict())
     for block, (norm_1, norm_2, fc_1), layer in zip(tower.blocks, norms, inner.encoder.layers):
         weights, attn = block.weights(), layer.self_attn
-        for target, weight, bias in ((attn.q_proj, weights.q, weights.q_bias), (attn.k_proj, weights.k, weights.k_bias),
-                                     (attn.v_proj, weights.v, weights.v_bias), (attn.out_proj, weights.out,
-                                                                                 weights.out_bias)):
+        for target, weight, bias in (
+            (attn.q_proj, weights.q, weights.q_bias),
+            (attn.k_proj, weights.k, weights.k_bias),
+            (attn.v_proj, weights.v, weights.v_bias),
+            (attn.out_proj, weights.out, weights.out_bias),
+        ):
             _copy_linear(target, weight, bias)
-        for mine, theirs in ((layer.layer_norm1, norm_1), (layer.layer_norm2, norm_2), (layer.mlp.fc1, fc_1),
-                             (layer.mlp.fc2, block.mlp_out)):
+        for mine, theirs in (
+            (layer.layer_norm1, norm_1),
+            (layer.layer_norm2, norm_2),
+            (layer.mlp.fc1, fc_1),
+            (layer.mlp.fc2, block.mlp_out),
+        ):
             mine.load_state_dict(theirs.state_dict())
     return twin.to(device=tower.weight.device, dtype=tower.weight.dtype).eval()
