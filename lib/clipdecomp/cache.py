@@ -69,11 +69,14 @@ captions (``captions``) and positions within their tar (``indices``) are stored 
 samples skipped while streaming are recorded per shard and listed by :attr:`~DecompositionCache.skipped`.
 
 Example:
-    >>> data = ToyDataset(512, seed=1, preprocess=bundle.preprocess)
-    >>> cache = DecompositionCache.build(bundle, data, "caches/toy", layers=range(-4, 0))
-    >>> cache.heads.shape, cache.labels["shape"][:3]       # ((512, 4, H, d'), array([...]))
-    >>> mean_heads = cache.mean("heads")                    # fp32 [4, H, d'], for mean-ablation
-    >>> cache.verify()                                      # re-hash every file (CorruptCacheError if damaged)
+    >>> from clipdecomp.datasets import ToyDataset
+    >>> data = ToyDataset(40, seed=1, preprocess=bundle.preprocess)
+    >>> cache = DecompositionCache.build(bundle, data, tmp_path / "toy", layers=range(-4, 0), progress=False)
+    >>> cache.heads.shape                                   # 40 images, 4 layers, 4 heads, d' = 64
+    (40, 4, 4, 64)
+    >>> cache.mean("heads").shape                           # fp32 means, for mean-ablation
+    (4, 4, 64)
+    >>> cache = cache.verify()                              # re-hash every file (CorruptCacheError if damaged)
 """
 from __future__ import annotations
 

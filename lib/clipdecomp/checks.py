@@ -4,6 +4,7 @@ Nothing is ever clamped, rounded, defaulted or ignored: ``2.0`` is not the integ
 not ``1``, ``"12"`` is not the list ``[1, 2]``, and an empty selection is not "everything".
 
     >>> check_int("batch_size", 0, minimum=1)
+    Traceback (most recent call last):
     ValueError: batch_size must be an integer >= 1, got 0.
 """
 

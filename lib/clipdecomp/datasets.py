@@ -26,9 +26,14 @@ half-way. Grayscale, palette, CMYK and 16-bit images are converted to RGB; trans
 composited onto white, the way a viewer displays them.
 
 Example:
-    >>> data = ImageFolderDataset("imagenet/val", bundle.preprocess)
-    >>> image, label = data[0]                 # [3, 224, 224], class index
-    >>> data.classes[label], data.ids[0]       # ('n01440764', 'n01440764/ILSVRC2012_val_00000293.JPEG')
+    >>> from PIL import Image
+    >>> for wnid in ("n01440764", "n01443537"):
+    ...     (tmp_path / "val" / wnid).mkdir(parents=True)
+    ...     Image.new("RGB", (32, 32)).save(tmp_path / "val" / wnid / "a.JPEG")
+    >>> data = ImageFolderDataset(tmp_path / "val", bundle.preprocess, progress=False)
+    >>> image, label = data[1]                 # [3, H, W], class index
+    >>> data.classes[label], data.ids[1]
+    ('n01443537', 'n01443537/a.JPEG')
 """
 from __future__ import annotations
 

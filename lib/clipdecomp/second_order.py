@@ -47,8 +47,9 @@ Beyond the effects themselves, this module holds the paper's statistics and uses
   Sparse text descriptions of ``r_n`` are in :mod:`clipdecomp.sparse_texts`.
 
 Example:
-    >>> result = second_order(bundle, images, layer=9)          # effects [B, 3072, 512]
-    >>> result.effects.sum(1)                                    # the whole MLP's second-order effect
+    >>> result = second_order(bundle, images, layer=3)   # toy: 4 images, 192 neurons, d' = 64
+    >>> tuple(result.effects.shape)                       # ViT-B-32 at layer 9: [B, 3072, 512]
+    (4, 192, 64)
 """
 
 from __future__ import annotations

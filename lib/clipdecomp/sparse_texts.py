@@ -25,9 +25,13 @@ after the first pick).
 L2-normalised, centred over the pool, then every *embedding dimension* (column) scaled to norm 100, so
 atoms are not unit-norm and OMP's argmax favours long atoms, exactly as in their code.
 
+    >>> from clipdecomp.pools import load_pool
+    >>> pool = load_pool("toy")
     >>> dictionary = text_dictionary(bundle.encode_text(pool))
-    >>> codes = omp(stats.directions, dictionary, n_atoms=32)
-    >>> codes.texts(pool, neuron=7)            # [(text, coefficient), ...] by decreasing |coefficient|
+    >>> directions = torch.randn(8, 64)                  # e.g. neurons' rank-1 directions (SecondOrderStats)
+    >>> codes = omp(directions, dictionary, n_atoms=4)
+    >>> len(codes.texts(pool, 7))                        # [(text, coefficient), ...] by decreasing |coefficient|
+    4
 """
 
 from __future__ import annotations
