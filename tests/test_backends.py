@@ -543,22 +543,8 @@ def test_cache_and_cli_on_hugging_face_folders(tmp_path, siglip_folder, clip_pai
     )
     for folder, readout in ((siglip_folder, "map"), (clip_folder, "cls")):
         out = tmp_path / f"cache_{readout}"
-        main(
-            [
-                "decompose",
-                "--model",
-                str(folder),
-                "--data",
-                "toy",
-                "--n",
-                "4",
-                "--out",
-                str(out),
-                "--dtype",
-                "float32",
-                "--no-progress",
-            ]
-        )
+        options = "decompose --data toy --n-images 4 --dtype float32 --no-progress".split()
+        main(options + ["--model", str(folder), "--out", str(out)])
         cache = DecompositionCache.open(out)
         bundle = clipdecomp.load(str(folder))
         data = ToyDataset(4, 0, bundle.preprocess, split="uniform")
