@@ -15,6 +15,7 @@ are correlated unit vectors (a shared component plus clusters), as CLIP text emb
 
     python bench/bench_text_span.py [--small] [--json results.json]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,7 +26,6 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
-
 from clipdecomp.text_span import text_span_heads, text_span_reference
 
 SIZES = {
@@ -50,10 +50,12 @@ def make_heads(cfg: dict, pool: torch.Tensor, gen: torch.Generator) -> torch.Ten
         for head in range(cfg["heads"]):
             concepts = pool[torch.randperm(len(pool), generator=gen)[:n_concepts]]
             others = torch.randn(head_dim - n_concepts, dim, generator=gen)
-            basis = torch.linalg.qr(torch.cat([concepts, others]).T).Q.T          # [head_dim, d'] orthonormal
-            stds = torch.cat([torch.logspace(0, -0.7, n_concepts), 0.3 * torch.logspace(0, -1, head_dim - n_concepts)])
+            basis = torch.linalg.qr(torch.cat([concepts, others]).T).Q.T  # [head_dim, d'] orthonormal
+            stds = torch.cat(
+                [torch.logspace(0, -0.7, n_concepts), 0.3 * torch.logspace(0, -1, head_dim - n_concepts)]
+            )
             z = torch.randn(k, head_dim, generator=gen) * stds
-            mean = 0.5 * torch.randn(dim, generator=gen) / dim ** 0.5
+            mean = 0.5 * torch.randn(dim, generator=gen) / dim**0.5
             noise = 1e-3 * torch.randn(k, dim, generator=gen)
             out[:, layer, head] = 0.05 * (z @ basis) + mean + 0.05 * noise
     return out
@@ -70,8 +72,11 @@ def main() -> None:
     cfg = SIZES["small" if args.small else "full"]
     n_heads = cfg["layers"] * cfg["heads"]
     direct_heads = min(args.direct_heads, n_heads)
-    print(f"problem: {n_heads} heads, K={cfg['images']} images, d'={cfg['dim']}, M={cfg['texts']} texts, "
-          f"m={cfg['m']}, rank={cfg['rank']}; float64 on 1 thread", flush=True)
+    print(
+        f"problem: {n_heads} heads, K={cfg['images']} images, d'={cfg['dim']}, M={cfg['texts']} texts, "
+        f"m={cfg['m']}, rank={cfg['rank']}; float64 on 1 thread",
+        flush=True,
+    )
 
     gen = torch.Generator().manual_seed(args.seed)
     pool = make_pool(cfg["texts"], cfg["dim"], gen)
@@ -83,8 +88,11 @@ def main() -> None:
     fast = text_span_heads(heads, pool, m=cfg["m"], rank=cfg["rank"], reconstruct=True)
     fast_total, fast_cpu = time.perf_counter() - start, time.process_time() - cpu
     fast_per_head, fast_cpu_per_head = fast_total / n_heads, fast_cpu / n_heads
-    print(f"fast   (text_span_heads, all {n_heads} heads, with reconstructions): {fast_total:.1f} s wall, "
-          f"{fast_cpu:.1f} s CPU = {fast_cpu_per_head:.3f} s CPU/head", flush=True)
+    print(
+        f"fast   (text_span_heads, all {n_heads} heads, with reconstructions): {fast_total:.1f} s wall, "
+        f"{fast_cpu:.1f} s CPU = {fast_cpu_per_head:.3f} s CPU/head",
+        flush=True,
+    )
 
     labels = list(fast)[:direct_heads]
     direct_times, direct_cpu, same, max_recon_diff = [], [], [], 0.0
@@ -95,34 +103,61 @@ def main() -> None:
         direct_times.append(time.perf_counter() - start)
         direct_cpu.append(time.process_time() - cpu)
         same.append(slow.indices.tolist() == fast[label].indices.tolist())
-        max_recon_diff = max(max_recon_diff, float((slow.reconstruction - fast[label].reconstruction).abs().max()))
-        print(f"direct (text_span_reference) {label}: {direct_times[-1]:.1f} s wall, {direct_cpu[-1]:.1f} s CPU, "
-              f"same picks: {same[-1]}", flush=True)
+        max_recon_diff = max(
+            max_recon_diff, float((slow.reconstruction - fast[label].reconstruction).abs().max())
+        )
+        print(
+            f"direct (text_span_reference) {label}: {direct_times[-1]:.1f} s wall, {direct_cpu[-1]:.1f} s "
+            f"CPU, "
+            f"same picks: {same[-1]}",
+            flush=True,
+        )
     direct_per_head, direct_cpu_per_head = float(np.mean(direct_times)), float(np.mean(direct_cpu))
     ratio, wall_ratio = direct_cpu_per_head / fast_cpu_per_head, direct_per_head / fast_per_head
-    print(f"direct loop timed on {direct_heads} of {n_heads} heads; extrapolated to all heads: "
-          f"{direct_cpu_per_head * n_heads:.0f} s CPU ({direct_cpu_per_head:.1f} s CPU/head)")
-    print(f"speed-up (direct / fast, CPU time per head): {ratio:.1f}x   (target at full size >= 20x; wall clock: {wall_ratio:.1f}x)")
-    print(f"identical picks on the {direct_heads} compared heads: {all(same)}; "
-          f"max |reconstruction difference| (float32 outputs) = {max_recon_diff:.2e}")
+    print(
+        f"direct loop timed on {direct_heads} of {n_heads} heads; extrapolated to all heads: "
+        f"{direct_cpu_per_head * n_heads:.0f} s CPU ({direct_cpu_per_head:.1f} s CPU/head)"
+    )
+    print(
+        f"speed-up (direct / fast, CPU time per head): {ratio:.1f}x   (target at full size >= 20x; wall "
+        f"clock: {wall_ratio:.1f}x)"
+    )
+    print(
+        f"identical picks on the {direct_heads} compared heads: {all(same)}; "
+        f"max |reconstruction difference| (float32 outputs) = {max_recon_diff:.2e}"
+    )
     explained = [float(r.cumulative_explained[-1]) for r in fast.values()]
     print(f"variance explained by {cfg['m']} texts (fast, over heads): median {np.median(explained):.3f}")
 
     if args.json:
         results = {
-            "config": dict(cfg, heads_total=n_heads, seed=args.seed, threads=torch.get_num_threads(),
-                           dtype="float64", size="small" if args.small else "full"),
-            "fast_wall_seconds_total": fast_total, "fast_cpu_seconds_total": fast_cpu,
+            "config": dict(
+                cfg,
+                heads_total=n_heads,
+                seed=args.seed,
+                threads=torch.get_num_threads(),
+                dtype="float64",
+                size="small" if args.small else "full",
+            ),
+            "fast_wall_seconds_total": fast_total,
+            "fast_cpu_seconds_total": fast_cpu,
             "fast_cpu_seconds_per_head": fast_cpu_per_head,
-            "direct_heads_timed": direct_heads, "direct_wall_seconds_per_head": direct_per_head,
+            "direct_heads_timed": direct_heads,
+            "direct_wall_seconds_per_head": direct_per_head,
             "direct_cpu_seconds_per_head": direct_cpu_per_head,
             "direct_cpu_seconds_extrapolated_total": direct_cpu_per_head * n_heads,
-            "speedup_cpu": ratio, "speedup_wall": wall_ratio, "identical_picks": all(same), "compared_heads": labels,
+            "speedup_cpu": ratio,
+            "speedup_wall": wall_ratio,
+            "identical_picks": all(same),
+            "compared_heads": labels,
             "max_reconstruction_difference_float32": max_recon_diff,
             "median_explained": float(np.median(explained)),
             "finished_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
-            "machine": {"python": platform.python_version(), "torch": torch.__version__,
-                        "processor": platform.processor() or platform.machine()},
+            "machine": {
+                "python": platform.python_version(),
+                "torch": torch.__version__,
+                "processor": platform.processor() or platform.machine(),
+            },
         }
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

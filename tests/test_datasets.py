@@ -1,14 +1,15 @@
-"""Datasets: labels from folder names or metadata (never file order), stable ids, content keys, toy attributes."""
+"""Datasets: labels from folder names or metadata (never file order), stable ids, content keys, toy
+attributes."""
+
 from __future__ import annotations
 
 from pathlib import Path
 
 import open_clip
 import torch
-from PIL import Image
-
 from clipdecomp import toy
 from clipdecomp.datasets import DecomposableDataset, ImageFolderDataset, ToyDataset, WaterbirdsDataset
+from PIL import Image
 
 PREPROCESS = open_clip.image_transform(32, is_train=False)
 
@@ -40,7 +41,9 @@ def make_waterbirds(root: Path, rows: list[tuple[str, int, int, int]]) -> Path:
 
 
 def test_imagefolder_labels_follow_sorted_folder_names(tmp_path):
-    root = make_folder(tmp_path / "val", {"n02": ["b.png", "a.png"], "n01": ["z.jpg", "c.JPEG"], "n03": ["x.png"]})
+    root = make_folder(
+        tmp_path / "val", {"n02": ["b.png", "a.png"], "n01": ["z.jpg", "c.JPEG"], "n03": ["x.png"]}
+    )
     (root / "n01" / "notes.txt").write_text("not an image")
     data = ImageFolderDataset(root, PREPROCESS, progress=False)
     assert isinstance(data, DecomposableDataset)
@@ -75,8 +78,13 @@ def test_imagefolder_content_key_tracks_files(tmp_path):
 
 
 def test_waterbirds_split_groups_and_ids(tmp_path):
-    rows = [("001.Albatross/a.jpg", 1, 2, 0), ("002.Sparrow/b.jpg", 0, 0, 0), ("002.Sparrow/c.jpg", 0, 2, 1),
-            ("001.Albatross/d.jpg", 1, 2, 1), ("003.Gull/e.jpg", 1, 1, 1)]
+    rows = [
+        ("001.Albatross/a.jpg", 1, 2, 0),
+        ("002.Sparrow/b.jpg", 0, 0, 0),
+        ("002.Sparrow/c.jpg", 0, 2, 1),
+        ("001.Albatross/d.jpg", 1, 2, 1),
+        ("003.Gull/e.jpg", 1, 1, 1),
+    ]
     root = make_waterbirds(tmp_path / "waterbird_complete95_forest2water2", rows)
     test = WaterbirdsDataset(root, PREPROCESS, progress=False)
     assert test.ids == ["001.Albatross/a.jpg", "002.Sparrow/c.jpg", "001.Albatross/d.jpg"]  # metadata order
@@ -84,12 +92,17 @@ def test_waterbirds_split_groups_and_ids(tmp_path):
     assert test.labels["place"].tolist() == [0, 1, 1]
     assert test.labels["group"].tolist() == [2, 1, 3]
     assert [test.group_names[g] for g in test.labels["group"]] == [
-        "waterbird on land", "landbird on water", "waterbird on water"]
+        "waterbird on land",
+        "landbird on water",
+        "waterbird on water",
+    ]
     image, y, place, group = test[1]
     assert image.shape == (3, 32, 32) and (y, place, group) == (0, 1, 1)
     assert len(WaterbirdsDataset(root, PREPROCESS, split="all", progress=False)) == 5
     assert WaterbirdsDataset(root, PREPROCESS, split="train", progress=False).ids == ["002.Sparrow/b.jpg"]
-    assert test.content_key() != WaterbirdsDataset(root, PREPROCESS, split="val", progress=False).content_key()
+    assert (
+        test.content_key() != WaterbirdsDataset(root, PREPROCESS, split="val", progress=False).content_key()
+    )
 
 
 def test_toy_dataset_labels_are_the_world_attributes():
@@ -97,7 +110,9 @@ def test_toy_dataset_labels_are_the_world_attributes():
     world = toy.sample(8, 3, split="test_groups")
     for name, values in world.attributes.items():
         assert data.labels[name].tolist() == values.tolist()
-    assert data.labels["group"].tolist() == (2 * world.attributes["label"] + world.attributes["place"]).tolist()
+    assert (
+        data.labels["group"].tolist() == (2 * world.attributes["label"] + world.attributes["place"]).tolist()
+    )
     assert data.labels["group"].tolist() == [0, 1, 2, 3, 0, 1, 2, 3]
     image, labels, mask = data[5]
     assert image.shape == (3, 32, 32) and labels["shape"] == world.attributes["shape"][5]
@@ -106,4 +121,6 @@ def test_toy_dataset_labels_are_the_world_attributes():
     assert data.ids[5] == "toy/test_groups/3/5"
     other = ToyDataset(8, seed=4, preprocess=PREPROCESS, split="test_groups")
     assert other.content_key()["images_sha256"] != data.content_key()["images_sha256"]
-    assert ToyDataset(8, seed=3, preprocess=PREPROCESS, split="test_groups").content_key() == data.content_key()
+    assert (
+        ToyDataset(8, seed=3, preprocess=PREPROCESS, split="test_groups").content_key() == data.content_key()
+    )

@@ -5,6 +5,7 @@ by file with a one-process build. The other tests fork ranks from this process (
 second import of torch, so they stay fast) and join them in a gloo group, as torchrun's workers do;
 a killed rank is SIGKILLed and the job's other ranks are then killed too, as torchrun does.
 """
+
 from __future__ import annotations
 
 import json
@@ -31,7 +32,8 @@ torch.set_num_threads(1)
 
 def run_ranks(world: int, work, tmp_path: Path, timeout: float = 120) -> list[tuple[str, object]]:
     """Run ``work(rank)`` in ``world`` forked processes joined in one gloo group; per rank ``("ok", result)``,
-    ``(error type, message)``, or ``("killed", None)``. When a rank dies of SIGKILL the others are killed too."""
+    ``(error type, message)``, or ``("killed", None)``. When a rank dies of SIGKILL the others are killed
+    too."""
     context = multiprocessing.get_context("fork")
     results = context.SimpleQueue()
     address = f"file://{tmp_path / f'.group-{uuid.uuid4().hex}'}"
@@ -119,24 +121,80 @@ def test_decompose_options_pass_through_torchrun():
 
 def test_old_n_option_still_works_with_a_note(tmp_path, capsys):
     with pytest.warns(FutureWarning, match="--n is now spelled --n-images"):
-        main(["decompose", "--model", "toy", "--data", "toy", "--n", "3", "--out", str(tmp_path / "c"),
-              "--no-progress"])
+        main(
+            [
+                "decompose",
+                "--model",
+                "toy",
+                "--data",
+                "toy",
+                "--n",
+                "3",
+                "--out",
+                str(tmp_path / "c"),
+                "--no-progress",
+            ]
+        )
     assert len(DecompositionCache.open(tmp_path / "c")) == 3
     with pytest.raises(SystemExit):
-        main(["decompose", "--model", "toy", "--data", "toy", "--n", "3", "--n-images", "3", "--out",
-              str(tmp_path / "d")])
+        main(
+            [
+                "decompose",
+                "--model",
+                "toy",
+                "--data",
+                "toy",
+                "--n",
+                "3",
+                "--n-images",
+                "3",
+                "--out",
+                str(tmp_path / "d"),
+            ]
+        )
     assert "the same option" in capsys.readouterr().err and not (tmp_path / "d").exists()
 
 
 def test_torchrun_build_equals_one_process_build(tmp_path, capsys):
-    args = ["decompose", "--model", "toy", "--data", "toy", "--n-images", "10", "--shard-size", "4", "--batch-size",
-            "3", "--layers=-2:", "--device", "cpu"]
+    args = [
+        "decompose",
+        "--model",
+        "toy",
+        "--data",
+        "toy",
+        "--n-images",
+        "10",
+        "--shard-size",
+        "4",
+        "--batch-size",
+        "3",
+        "--layers=-2:",
+        "--device",
+        "cpu",
+    ]
     main(args + ["--out", str(tmp_path / "one"), "--no-progress"])
     capsys.readouterr()
     torchrun = Path(sys.executable).with_name("torchrun")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    job = subprocess.run(["nice", "-n", "15", str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "clipdecomp",
-                          *args, "--out", str(tmp_path / "two")], capture_output=True, text=True, env=env, timeout=300)
+    job = subprocess.run(
+        [
+            "nice",
+            "-n",
+            "15",
+            str(torchrun),
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "clipdecomp",
+            *args,
+            "--out",
+            str(tmp_path / "two"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert job.returncode == 0, job.stderr[-3000:]
     assert job.stdout.count("DecompositionCache(") == 1  # one summary line per job, from rank 0
     assert "decomposing on 2 ranks" in job.stderr  # rank 0's bar counts the whole job
@@ -147,7 +205,9 @@ def test_torchrun_build_equals_one_process_build(tmp_path, capsys):
 
 def test_killed_rank_resumes_with_another_world_size(tmp_path):
     bundle, out = tiny_bundle(), tmp_path / "c"
-    reference = DecompositionCache.build(bundle, ToyDataset(14, preprocess=PREPROCESS), tmp_path / "one", **BUILD)
+    reference = DecompositionCache.build(
+        bundle, ToyDataset(14, preprocess=PREPROCESS), tmp_path / "one", **BUILD
+    )
 
     def killed_job(rank: int) -> None:
         data = Dying(14, preprocess=PREPROCESS)
@@ -169,7 +229,11 @@ def test_killed_rank_resumes_with_another_world_size(tmp_path):
     outcomes = run_ranks(3, resumed_job, tmp_path)
     assert [kind for kind, _ in outcomes] == ["ok"] * 3, outcomes
     assert all(ids == reference.ids and not noted for _, (ids, noted) in outcomes)  # nothing "damaged" either
-    kept = {p.relative_to(out): p.stat().st_mtime_ns for p in out.glob("shard_*/*.npy") if p.relative_to(out) in before}
+    kept = {
+        p.relative_to(out): p.stat().st_mtime_ns
+        for p in out.glob("shard_*/*.npy")
+        if p.relative_to(out) in before
+    }
     assert kept == before  # the killed job's finished shards, rank 1's included, were kept
     assert records(out) == records(tmp_path / "one")
     assert not list(out.glob(".*clipdecomp-tmp*")) and not list(out.glob("journal_rank*"))
@@ -184,7 +248,9 @@ def test_second_job_on_one_folder_is_refused(tmp_path):
         data.gate = gate
         return len(DecompositionCache.build(bundle, data, out, **BUILD))
 
-    first = context.Process(target=lambda: os._exit(0 if run_ranks(2, first_job, tmp_path) == [("ok", 6)] * 2 else 1))
+    first = context.Process(
+        target=lambda: os._exit(0 if run_ranks(2, first_job, tmp_path) == [("ok", 6)] * 2 else 1)
+    )
     first.start()
     try:
         while not (tmp_path / "started").exists():  # job 1 holds the lock and is computing
@@ -196,7 +262,9 @@ def test_second_job_on_one_folder_is_refused(tmp_path):
             DecompositionCache.build(bundle, ToyDataset(6, preprocess=PREPROCESS), out, **BUILD)
 
         outcomes = run_ranks(2, second_job, tmp_path)
-        assert outcomes[0][0] == "CacheLockedError" and "being written by another run" in outcomes[0][1], outcomes
+        assert outcomes[0][0] == "CacheLockedError" and "being written by another run" in outcomes[0][1], (
+            outcomes
+        )
         assert "leading 2 ranks" in outcomes[0][1]  # who holds it: the first job's rank 0
         assert outcomes[1][0] == "OtherRankFailedError" and "rank 0 of this job stopped" in outcomes[1][1]
         assert sorted(p.name for p in out.iterdir()) == listing  # the second job wrote nothing
@@ -223,6 +291,8 @@ def test_ranks_with_different_inputs_are_refused_before_writing(tmp_path):
 def test_a_rank_launched_without_a_process_group_is_refused(tmp_path, monkeypatch):
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")  # what torchrun sets; the program forgot init_process_group()
-    with pytest.raises(RuntimeError, match="no torch.distributed process group is initialised.*init_process_group"):
+    with pytest.raises(
+        RuntimeError, match="no torch.distributed process group is initialised.*init_process_group"
+    ):
         DecompositionCache.build(tiny_bundle(), ToyDataset(2, preprocess=PREPROCESS), tmp_path / "c", **BUILD)
     assert not (tmp_path / "c").exists()

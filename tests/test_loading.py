@@ -1,16 +1,16 @@
 """load(): every spec form, offline failures that are fast and say what to do, safe checkpoints."""
+
 from __future__ import annotations
 
 import time
 from pathlib import Path
 
+import clipdecomp
 import open_clip
 import pytest
 import torch
-from safetensors.torch import save_file
-
-import clipdecomp
 from clipdecomp.loading import WeightsUnavailableError
+from safetensors.torch import save_file
 
 
 def test_architecture_spec_random_init(vit_b32):

@@ -371,7 +371,7 @@ def test_an_interrupted_build_resumes_to_the_same_statistics(tmp_path, fail_at):
     assert not list((tmp_path / "r").glob("checkpoint_*")) and not list((tmp_path / "r").glob(".*tmp*"))
     again = so.SecondOrderStats.build(bundle, data, tmp_path / "r", 2, **options)  # done: nothing recomputed
     assert data.reads - reads == 24 - 4 - (12 if fail_at > 12 else 0) and len(again) == 12
-    manifest = json.loads((tmp_path / "r" / "manifest.json").read_text())   # killed after the arrays were
+    manifest = json.loads((tmp_path / "r" / "manifest.json").read_text())  # killed after the arrays were
     (tmp_path / "r" / "manifest.json").write_text(json.dumps({**manifest, "status": "building"}))  # saved
     redone = so.SecondOrderStats.build(bundle, data, tmp_path / "r", 2, **options)
     np.testing.assert_allclose(redone.directions, fresh.directions, rtol=1e-5, atol=1e-9)

@@ -1,12 +1,13 @@
 """Segmentation heatmaps: the re-run image tower against open_clip, and each method against its definition."""
+
 from __future__ import annotations
 
+import clipdecomp
 import pytest
 import torch
 import torch.nn.functional as F
-
-import clipdecomp
 from clipdecomp import segmentation, spatial
+
 from conftest import tiny_clip
 
 
@@ -33,6 +34,7 @@ def _own_attention(model, images):
         def hook(module, inputs, output):
             _, w = block.attn(output, output, output, need_weights=True, average_attn_weights=False)
             weights.append(w)
+
         return hook
 
     hooks = [b.ln_1.register_forward_hook(read(b)) for b in model.visual.transformer.resblocks]
@@ -68,15 +70,16 @@ def test_every_method_shape_range_determinism_and_batch_independence(name, model
     maps = method(model, images, classifier)
     assert maps.shape == (3, 32, 32) and maps.dtype == torch.float32
     assert maps.min() >= 0 and maps.max() <= 1
-    assert torch.allclose(maps.amax((1, 2)), torch.ones(3))        # min-max normalised, none constant here
+    assert torch.allclose(maps.amax((1, 2)), torch.ones(3))  # min-max normalised, none constant here
     assert torch.equal(method(model, images, classifier), maps)
     torch.testing.assert_close(method(model, images[1:2], classifier), maps[1:2], atol=1e-5, rtol=0)
-    torch.testing.assert_close(segmentation.segment(name, model, images, classifier, batch_size=2), maps,
-                               atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        segmentation.segment(name, model, images, classifier, batch_size=2), maps, atol=1e-5, rtol=0
+    )
 
 
 def test_raw_attention_and_rollout_follow_their_definitions(model, images):
-    weights = [w.mean(1) for w in _own_attention(model, images)]          # heads averaged [B, N, N]
+    weights = [w.mean(1) for w in _own_attention(model, images)]  # heads averaged [B, N, N]
     grid = model.visual.grid_size
     expected = segmentation.to_pixels(weights[-1][:, 0, 1:], grid, (32, 32))
     torch.testing.assert_close(segmentation.raw_attention(model, images), expected, atol=1e-5, rtol=0)
@@ -120,9 +123,13 @@ def test_decomposition_map_is_the_contrastive_patch_score(model, images, classif
     predicted = (parts.total() @ classifier).argmax(1)
     assert torch.equal(segmentation.predict(model, images, classifier), predicted)
     contrast = classifier - classifier.mean(1, keepdim=True)
-    scores = torch.stack([spatial.patch_scores(parts, contrast[:, c])[i] for i, c in enumerate(predicted.tolist())])
+    scores = torch.stack(
+        [spatial.patch_scores(parts, contrast[:, c])[i] for i, c in enumerate(predicted.tolist())]
+    )
     expected = segmentation.to_pixels(scores.flatten(1), parts.grid_size, (32, 32))
-    torch.testing.assert_close(segmentation.decomposition(model, images, classifier), expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        segmentation.decomposition(model, images, classifier), expected, atol=1e-5, rtol=0
+    )
     chunked = segmentation.decomposition(model, images, classifier, layers_per_pass=1)
     torch.testing.assert_close(chunked, expected, atol=1e-5, rtol=0)
 
@@ -131,10 +138,13 @@ def test_methods_depend_on_the_image_and_the_class(model, images, classifier):
     for name, method in segmentation.METHODS.items():
         maps = method(model, images, classifier)
         assert not torch.allclose(maps[0], maps[1], atol=1e-3), name
-    swapped = classifier[:, segmentation.predict(model, images, classifier)[:1]]   # predicted class only
-    other = torch.cat([swapped, -swapped], 1)                  # now class 0 is predicted, with a different mean
-    assert not torch.allclose(segmentation.decomposition(model, images[:1], other),
-                              segmentation.decomposition(model, images[:1], classifier)[:1], atol=1e-3)
+    swapped = classifier[:, segmentation.predict(model, images, classifier)[:1]]  # predicted class only
+    other = torch.cat([swapped, -swapped], 1)  # now class 0 is predicted, with a different mean
+    assert not torch.allclose(
+        segmentation.decomposition(model, images[:1], other),
+        segmentation.decomposition(model, images[:1], classifier)[:1],
+        atol=1e-3,
+    )
 
 
 def test_bad_inputs_are_refused(model, images, classifier):

@@ -1,5 +1,6 @@
 """Tar-shard (webdataset) datasets: streamed samples, corrupt ones skipped or refused, caches built by one or
 two ranks, resumed after a killed rank, and the ``wds:`` command line. The shards are written here."""
+
 from __future__ import annotations
 
 import io
@@ -54,30 +55,43 @@ def shards(tmp_path_factory) -> Path:
         for _ in range(count):
             key = f"s{number:04d}"
             image = b"not a png at all" if f"{shard:06d}.tar/{key}" == CORRUPT else png(world.images[number])
-            members += [(f"{key}.png", image), (f"{key}.cls", str(world.attributes["label"][number]).encode()),
-                        (f"{key}.txt", f"toy image {number}".encode())]
+            members += [
+                (f"{key}.png", image),
+                (f"{key}.cls", str(world.attributes["label"][number]).encode()),
+                (f"{key}.txt", f"toy image {number}".encode()),
+            ]
             number += 1
         write_tar(root / f"{shard:06d}.tar", members)
     return root
 
 
 def dataset(root: Path, **options) -> TarShardDataset:
-    return TarShardDataset(f"{root}/{{000000..000002}}.tar", PREPROCESS, labels=["cls"], captions=["txt"], **options)
+    return TarShardDataset(
+        f"{root}/{{000000..000002}}.tar", PREPROCESS, labels=["cls"], captions=["txt"], **options
+    )
 
 
 def test_tar_shards_build_a_cache_with_ids_labels_captions_and_skipped_samples(shards, tmp_path):
     bundle, world = tiny_bundle(), toy.sample(sum(SHARDS), seed=3, split="uniform")
-    with pytest.warns(UserWarning, match=rf"1 corrupt sample\(s\) were skipped: {CORRUPT} \(its \.png does not decode"):
+    with pytest.warns(
+        UserWarning, match=rf"1 corrupt sample\(s\) were skipped: {CORRUPT} \(its \.png does not decode"
+    ):
         cache = DecompositionCache.build(bundle, dataset(shards), tmp_path / "c", layers=[1, 2], **BUILD)
     good = [i for i in range(sum(SHARDS)) if i != 6]
-    assert len(cache) == 11 and cache.manifest["n_shards"] == 3 and [len(p) for p in cache.heads.parts] == [5, 3, 3]
+    assert (
+        len(cache) == 11
+        and cache.manifest["n_shards"] == 3
+        and [len(p) for p in cache.heads.parts] == [5, 3, 3]
+    )
     assert cache.ids[:2] == ["000000.tar/s0000", "000000.tar/s0001"] and CORRUPT not in cache.ids
     assert cache.indices.tolist() == [0, 1, 2, 3, 4, 0, 2, 3, 0, 1, 2]  # positions within each tar
     assert cache.labels["cls"].tolist() == world.attributes["label"][good].tolist()
     assert cache.captions["txt"] == [f"toy image {i}" for i in good]
     assert cache.skipped == [(CORRUPT, cache.skipped[0][1])] and "does not decode" in cache.skipped[0][1]
     images = torch.stack([PREPROCESS(load_rgb(io.BytesIO(png(world.images[i])))) for i in good])
-    reference = clipdecomp.decompose(bundle, images, layers=[1, 2])  # an independent pass over the same pixels
+    reference = clipdecomp.decompose(
+        bundle, images, layers=[1, 2]
+    )  # an independent pass over the same pixels
     np.testing.assert_allclose(cache.heads[:], reference.head_terms(), atol=2e-3, rtol=2e-3)
     np.testing.assert_allclose(cache.total(), bundle.encode_image(images), atol=1e-2)
     again = DecompositionCache.build(bundle, dataset(shards), tmp_path / "c", layers=[1, 2], **BUILD)
@@ -109,8 +123,11 @@ def test_tar_shards_split_across_two_ranks_and_resume_after_a_kill(shards, tmp_p
     bundle = tiny_bundle()
     with pytest.warns(UserWarning, match="1 corrupt sample"):
         single = DecompositionCache.build(bundle, dataset(shards), tmp_path / "one", **BUILD)
-    outcomes = run_ranks(2, lambda rank: len(DecompositionCache.build(bundle, dataset(shards), tmp_path / "two",
-                                                                       **BUILD)), tmp_path)
+    outcomes = run_ranks(
+        2,
+        lambda rank: len(DecompositionCache.build(bundle, dataset(shards), tmp_path / "two", **BUILD)),
+        tmp_path,
+    )
     assert outcomes == [("ok", 11), ("ok", 11)]
     assert records(tmp_path / "two") == records(single.folder)  # bitwise the one-process files
 
@@ -126,7 +143,9 @@ def test_tar_shards_split_across_two_ranks_and_resume_after_a_kill(shards, tmp_p
     kept = {p: p.stat().st_mtime_ns for p in out.glob("shard_*/*.npy")}
     with pytest.warns(UserWarning, match="1 corrupt sample"):
         resumed = DecompositionCache.build(bundle, dataset(shards), out, **BUILD)  # one process now
-    assert {p: p.stat().st_mtime_ns for p in kept} == kept  # rank 1's tar (from its journal) and rank 0's first kept
+    assert {
+        p: p.stat().st_mtime_ns for p in kept
+    } == kept  # rank 1's tar (from its journal) and rank 0's first kept
     assert records(out) == records(single.folder) and resumed.skipped == single.skipped
 
 
@@ -139,16 +158,22 @@ def test_iterating_splits_shards_across_ranks_and_names_a_truncated_tar(shards, 
     outcomes = run_ranks(2, read, tmp_path)
     assert [kind for kind, _ in outcomes] == ["ok", "ok"]
     first, second = outcomes[0][1], outcomes[1][1]
-    assert not set(first) & set(second) and sorted(first + second) == sorted(everything) and len(everything) == 11
+    assert (
+        not set(first) & set(second)
+        and sorted(first + second) == sorted(everything)
+        and len(everything) == 11
+    )
 
     whole = (shards / "000000.tar").read_bytes()
-    (tmp_path / "cut.tar").write_bytes(whole[:len(whole) * 3 // 5])  # a download cut short
+    (tmp_path / "cut.tar").write_bytes(whole[: len(whole) * 3 // 5])  # a download cut short
     cut = TarShardDataset(tmp_path / "cut.tar", PREPROCESS, labels=["cls"])
     skipped: list = []
     kept = [sample.id for sample in cut.samples(0, skipped)]
     assert 1 <= len(kept) < 5 and skipped and "cut.tar/" in skipped[-1][0]
-    assert any("unreadable from here" in reason or "no .cls" in reason or "does not decode" in reason
-               for _, reason in skipped)
+    assert any(
+        "unreadable from here" in reason or "no .cls" in reason or "does not decode" in reason
+        for _, reason in skipped
+    )
     with pytest.raises(ValueError, match=r"cut\.tar"):
         list(TarShardDataset(tmp_path / "cut.tar", PREPROCESS, labels=["cls"], strict=True).samples(0))
 
@@ -173,29 +198,52 @@ def test_cli_reads_wds_patterns_and_refuses_options_that_do_not_apply(shards, tm
         main(base + ["--label-keys", "cls", "--caption-keys", "txt", "--out", str(out)])
     assert "11 images" in capsys.readouterr().out
     assert DecompositionCache.open(out).captions["txt"][0] == "toy image 0"
-    for extra, message in ((["--n-images", "4"], "--n-images does not apply to tar shards"),
-                           (["--shard-size", "4"], "--shard-size does not apply to tar shards")):
+    for extra, message in (
+        (["--n-images", "4"], "--n-images does not apply to tar shards"),
+        (["--shard-size", "4"], "--shard-size does not apply to tar shards"),
+    ):
         with pytest.raises(SystemExit):
             main(base + extra + ["--out", str(tmp_path / "d")])
         assert message in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        main(["decompose", "--model", "toy", "--data", "toy", "--label-keys", "cls", "--out", str(tmp_path / "d")])
+        main(
+            [
+                "decompose",
+                "--model",
+                "toy",
+                "--data",
+                "toy",
+                "--label-keys",
+                "cls",
+                "--out",
+                str(tmp_path / "d"),
+            ]
+        )
     assert "--label-keys applies to tar shards" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(base + ["--out", str(tmp_path / "d")] + ["--data", f"wds:{shards}/{{000000..000009}}.tar"])
     assert "000003.tar does not exist" in capsys.readouterr().err and not (tmp_path / "d").exists()
 
 
-@pytest.mark.parametrize("shards_arg, options, error, match", [
-    ("{root}/missing.tar", {}, FileNotFoundError, r"missing\.tar does not exist"),
-    ("{root}", {}, IsADirectoryError, "is a folder, not a tar shard"),
-    (["{root}/000000.tar", "{root}/000000.tar"], {}, ValueError, "same tar file twice"),
-    ("{root}/000000.tar", {"labels": ["cls"], "captions": ["cls"]}, ValueError, "both as a label and as a caption"),
-    ("{root}/000000.tar", {"labels": ["../x"]}, ValueError, "is not a sidecar extension"),
-    ("{root}/000000.tar", {"labels": "cls"}, TypeError, "list"),
-    ("http://host/000000.tar", {}, ValueError, "only local tar files"),
-    (3, {}, TypeError, "brace pattern"),
-], ids=["missing", "folder", "repeated", "label-and-caption", "bad-key", "keys-string", "url", "not-a-path"])
+@pytest.mark.parametrize(
+    "shards_arg, options, error, match",
+    [
+        ("{root}/missing.tar", {}, FileNotFoundError, r"missing\.tar does not exist"),
+        ("{root}", {}, IsADirectoryError, "is a folder, not a tar shard"),
+        (["{root}/000000.tar", "{root}/000000.tar"], {}, ValueError, "same tar file twice"),
+        (
+            "{root}/000000.tar",
+            {"labels": ["cls"], "captions": ["cls"]},
+            ValueError,
+            "both as a label and as a caption",
+        ),
+        ("{root}/000000.tar", {"labels": ["../x"]}, ValueError, "is not a sidecar extension"),
+        ("{root}/000000.tar", {"labels": "cls"}, TypeError, "list"),
+        ("http://host/000000.tar", {}, ValueError, "only local tar files"),
+        (3, {}, TypeError, "brace pattern"),
+    ],
+    ids=["missing", "folder", "repeated", "label-and-caption", "bad-key", "keys-string", "url", "not-a-path"],
+)
 def test_tar_dataset_refuses_bad_arguments(shards, shards_arg, options, error, match):
     if isinstance(shards_arg, str):
         shards_arg = shards_arg.format(root=shards)

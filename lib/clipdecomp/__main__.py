@@ -5,7 +5,8 @@ Decomposes a dataset into a resumable on-disk cache (see :mod:`clipdecomp.cache`
     python -m clipdecomp decompose --model toy --data toy --n-images 512 --out caches/toy
     python -m clipdecomp decompose --model ViT-B-16/laion2b_s34b_b88k --data imagefolder:~/imagenet/val \\
         --layers=-4: --batch-size 64 --device cuda --out caches/imagenet_b16
-    python -m clipdecomp decompose --model toy --data waterbirds:~/waterbird_complete95_forest2water2 --out caches/wb
+    python -m clipdecomp decompose --model toy --data waterbirds:~/waterbird_complete95_forest2water2 --out
+    caches/wb
     python -m clipdecomp decompose --model ViT-L-14/openai --data 'wds:~/laion/{000000..000099}.tar' \\
         --caption-keys txt --out caches/laion_l14
     torchrun --nproc_per_node=8 -m clipdecomp decompose --model ViT-L-14/openai \\
@@ -24,6 +25,7 @@ spelled as the start of a torchrun flag (tested). ``--n`` (which torchrun reads 
 ``--nproc-per-node``) is now ``--n-images``; plain ``python -m clipdecomp decompose`` still accepts
 ``--n``, with a note naming the new spelling.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,11 +40,13 @@ import numpy as np
 __all__ = ["main", "parse_layers", "parser", "TORCHRUN_UNSAFE_ALIASES"]
 
 TORCHRUN_UNSAFE_ALIASES = {"--n": "--n-images"}
-"""``decompose`` options still read by plain ``python -m clipdecomp`` that torchrun swallows -> their names now."""
+"""``decompose`` options still read by plain ``python -m clipdecomp`` that torchrun swallows -> their names
+now."""
 
 
 def parse_layers(text: str) -> list[int] | None:
-    """``"all"`` -> None (every layer), ``"none"`` -> [], ``"-4:"`` / ``"8:12"`` -> a range, ``"9,10,11"`` -> a list.
+    """``"all"`` -> None (every layer), ``"none"`` -> [], ``"-4:"`` / ``"8:12"`` -> a range,
+    ``"9,10,11"`` -> a list.
 
     Empty ranges (``"5:5"``, ``"6:2"``), ranges mixing counts from the end and the start (``"-2:3"``),
     empty items (``"1,,2"``) and repeated layers are refused rather than read as something else.
@@ -64,7 +68,9 @@ def parse_layers(text: str) -> list[int] | None:
             else:
                 raise ValueError("an open range needs a negative start, e.g. -4: for the last four")
             if start_i < 0 < stop_i:
-                raise ValueError("a range counts either from the end (-4:-1) or from the start (8:12), not both")
+                raise ValueError(
+                    "a range counts either from the end (-4:-1) or from the start (8:12), not both"
+                )
             layers = list(range(start_i, stop_i))
             if not layers:
                 raise ValueError("the range is empty: its start must be below its stop")
@@ -82,6 +88,7 @@ def parse_layers(text: str) -> list[int] | None:
 
 def _integer(minimum: int):
     """An argparse type: a whole number >= ``minimum`` ("2.0", "1e3" and "" are refused)."""
+
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -99,7 +106,9 @@ def _keys(text: str) -> list[str]:
     """An argparse type: a comma-separated list of sidecar keys such as ``cls`` or ``txt,json``."""
     keys = [key.strip() for key in text.split(",")]
     if not all(keys):
-        raise argparse.ArgumentTypeError(f"expected sidecar keys separated by commas (e.g. cls or txt), got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"expected sidecar keys separated by commas (e.g. cls or txt), got {text!r}"
+        )
     return keys
 
 
@@ -121,10 +130,14 @@ def _device(text: str):
     if device.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0:
-            raise ValueError(f"--device {text}: torch sees no CUDA GPU on this machine (torch.cuda.is_available() is "
-                             "False): use --device cpu, or run where a GPU and its driver are installed.")
+            raise ValueError(
+                f"--device {text}: torch sees no CUDA GPU on this machine (torch.cuda.is_available() is "
+                "False): use --device cpu, or run where a GPU and its driver are installed."
+            )
         if device.index is not None and device.index >= count:
-            raise ValueError(f"--device {text}: this machine has {count} CUDA GPU(s), numbered 0..{count - 1}.")
+            raise ValueError(
+                f"--device {text}: this machine has {count} CUDA GPU(s), numbered 0..{count - 1}."
+            )
     elif device.type == "mps" and not torch.backends.mps.is_available():
         raise ValueError(f"--device {text}: the Apple MPS backend is not available here: use --device cpu.")
     elif device.type not in ("cpu", "cuda", "mps"):
@@ -133,8 +146,10 @@ def _device(text: str):
         if device.index is None:
             return local_device("cuda")
         if int(os.environ.get("LOCAL_WORLD_SIZE", "1")) > 1:
-            raise ValueError(f"--device {text}: under torchrun every process of this host would use GPU {device.index}; "
-                             "give --device cuda (or auto) and each rank takes its own, cuda:LOCAL_RANK.")
+            raise ValueError(
+                f"--device {text}: under torchrun every process of this host would use GPU {device.index}; "
+                "give --device cuda (or auto) and each rank takes its own, cuda:LOCAL_RANK."
+            )
     return device
 
 
@@ -146,15 +161,23 @@ def _dataset(args, preprocess):
     if kind == "toy":
         return ToyDataset(args.n or 256, args.seed, preprocess, split=location or "uniform")
     if kind == "wds" and location and hasattr(args, "label_keys"):
-        return TarShardDataset(location, preprocess, labels=args.label_keys or (), captions=args.caption_keys or (),
-                               strict=strict)
+        return TarShardDataset(
+            location,
+            preprocess,
+            labels=args.label_keys or (),
+            captions=args.caption_keys or (),
+            strict=strict,
+        )
     if kind in ("imagefolder", "waterbirds") and location:
         if kind == "imagefolder":
             return ImageFolderDataset(location, preprocess, strict=strict, progress=not args.no_progress)
-        return WaterbirdsDataset(location, preprocess, split=args.split or "test", strict=strict,
-                                 progress=not args.no_progress)
+        return WaterbirdsDataset(
+            location, preprocess, split=args.split or "test", strict=strict, progress=not args.no_progress
+        )
     tars = ", 'wds:PATH/{000000..000099}.tar'" if hasattr(args, "label_keys") else ""
-    raise ValueError(f"--data {args.data!r}: use 'toy' (or 'toy:SPLIT'), 'imagefolder:PATH', 'waterbirds:PATH'{tars}.")
+    raise ValueError(
+        f"--data {args.data!r}: use 'toy' (or 'toy:SPLIT'), 'imagefolder:PATH', 'waterbirds:PATH'{tars}."
+    )
 
 
 def _check_decompose_options(args) -> None:
@@ -165,23 +188,33 @@ def _check_decompose_options(args) -> None:
         args.n, args.n_spelled = args.n_old, "--n"
     kind = args.data.partition(":")[0]
     if args.split is not None and kind != "waterbirds":
-        raise ValueError(f"--split applies to waterbirds data only; --data {args.data!r} has no splits (for toy data "
-                         "write toy:SPLIT).")
+        raise ValueError(
+            f"--split applies to waterbirds data only; --data {args.data!r} has no splits (for toy data "
+            "write toy:SPLIT)."
+        )
     if args.patch_detail is not None and not args.texts:
-        raise ValueError("--patch-detail applies only with --texts (it picks how the per-patch maps of the texts are "
-                         "summed): add --texts FILE or leave --patch-detail out.")
+        raise ValueError(
+            "--patch-detail applies only with --texts (it picks how the per-patch maps of the texts are "
+            "summed): add --texts FILE or leave --patch-detail out."
+        )
     for option, value in (("--label-keys", args.label_keys), ("--caption-keys", args.caption_keys)):
         if value is not None and kind != "wds":
-            raise ValueError(f"{option} applies to tar shards (--data wds:...) only: the labels of {kind} data come "
-                             "with the dataset.")
+            raise ValueError(
+                f"{option} applies to tar shards (--data wds:...) only: the labels of {kind} data come "
+                "with the dataset."
+            )
     if args.strict and kind == "toy":
-        raise ValueError("--strict applies to datasets of files (imagefolder, waterbirds, wds); toy images are drawn, "
-                         "never unreadable.")
+        raise ValueError(
+            "--strict applies to datasets of files (imagefolder, waterbirds, wds); toy images are drawn, "
+            "never unreadable."
+        )
     if kind == "wds":
         for option, value in (("--n-images", args.n), ("--shard-size", args.shard_size)):
             if value is not None:
-                raise ValueError(f"{option} does not apply to tar shards: the cache keeps one shard per tar file and "
-                                 "every readable sample; choose the tar files with the brace range instead.")
+                raise ValueError(
+                    f"{option} does not apply to tar shards: the cache keeps one shard per tar file and "
+                    "every readable sample; choose the tar files with the brace range instead."
+                )
 
 
 def _decompose(args) -> None:
@@ -197,28 +230,49 @@ def _decompose(args) -> None:
     rank = torch.distributed.get_rank() if init_from_environment(device) else 0
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    labels = load_pool(Path(args.texts)) if args.texts else None  # checked (a UTF-8 file) before the model loads
+    labels = (
+        load_pool(Path(args.texts)) if args.texts else None
+    )  # checked (a UTF-8 file) before the model loads
     started = time.perf_counter()
-    torch.manual_seed(args.seed)  # random-init specs ("ViT-B-16") get the same weights on every run, so resuming works
+    torch.manual_seed(
+        args.seed
+    )  # random-init specs ("ViT-B-16") get the same weights on every run, so resuming works
     bundle = load(args.model, device=device)
     dataset = _dataset(args, bundle.preprocess)
     indices = None
     if args.n is not None and not args.data.startswith("toy"):
         if args.n > len(dataset):
             spelled = getattr(args, "n_spelled", "--n-images")
-            raise ValueError(f"{spelled} {args.n}: the dataset {args.data} has only {len(dataset)} images; give "
-                             f"{spelled} {len(dataset)} or less, or leave it out to decompose them all.")
+            raise ValueError(
+                f"{spelled} {args.n}: the dataset {args.data} has only {len(dataset)} images; give "
+                f"{spelled} {len(dataset)} or less, or leave it out to decompose them all."
+            )
         indices = np.unique(np.linspace(0, len(dataset) - 1, args.n).round().astype(np.int64))
     texts = bundle.encode_text(labels) if labels is not None else None
     cache = DecompositionCache.build(
-        bundle, dataset, args.out, batch_size=args.batch_size, layers=args.layers, text_directions=texts,
-        text_labels=labels, patch_detail=args.patch_detail, indices=indices, shard_size=args.shard_size,
-        dtype=args.dtype, num_workers=args.workers, progress=not args.no_progress)
+        bundle,
+        dataset,
+        args.out,
+        batch_size=args.batch_size,
+        layers=args.layers,
+        text_directions=texts,
+        text_labels=labels,
+        patch_detail=args.patch_detail,
+        indices=indices,
+        shard_size=args.shard_size,
+        dtype=args.dtype,
+        num_workers=args.workers,
+        progress=not args.no_progress,
+    )
     if rank == 0:  # one line per job, not per process
         print(f"{cache} in {time.perf_counter() - started:.1f} s")
     if getattr(args, "n_spelled", None) == "--n":  # after the work, so that an error stays one line
-        warnings.warn("--n is now spelled --n-images (torchrun reads --n as its own --nnodes or --nproc-per-node); "
-                      "write --n-images.", FutureWarning, stacklevel=2)
+        warnings.warn(
+            "--n is now spelled --n-images (torchrun reads --n as its own --nnodes or --nproc-per-node); "
+            "write --n-images.",
+            FutureWarning,
+            stacklevel=2,
+        )
 
 
 def _verify(args) -> None:
@@ -227,9 +281,12 @@ def _verify(args) -> None:
     started = time.perf_counter()
     cache = DecompositionCache.open(args.folder, verify=True)
     n_files = sum(len(record["files"]) for record in cache.manifest["shards"].values())
-    print(f"{args.folder}: {len(cache)} images in {cache.manifest['n_shards']} shards; all {n_files} files match the "
-          f"sha256 recorded when they were written ({cache.nbytes / 1e6:.1f} MB read in "
-          f"{time.perf_counter() - started:.1f} s).")
+    print(
+        f"{args.folder}: {len(cache)} images in {cache.manifest['n_shards']} shards; all {n_files} files "
+        f"match the "
+        f"sha256 recorded when they were written ({cache.nbytes / 1e6:.1f} MB read in "
+        f"{time.perf_counter() - started:.1f} s)."
+    )
 
 
 def _second_order(args) -> None:
@@ -250,59 +307,119 @@ def _second_order(args) -> None:
         if args.n > len(dataset):
             raise ValueError(f"--n-images {args.n}: the dataset {args.data} has only {len(dataset)} images.")
         indices = np.unique(np.linspace(0, len(dataset) - 1, args.n).round().astype(np.int64))
-    stats = SecondOrderStats.build(bundle, dataset, args.out, args.layer, top_k=args.top_k, indices=indices,
-                                   batch_size=args.batch_size, checkpoint_every=args.checkpoint_every,
-                                   num_workers=args.workers, progress=not args.no_progress)
+    stats = SecondOrderStats.build(
+        bundle,
+        dataset,
+        args.out,
+        args.layer,
+        top_k=args.top_k,
+        indices=indices,
+        batch_size=args.batch_size,
+        checkpoint_every=args.checkpoint_every,
+        num_workers=args.workers,
+        progress=not args.no_progress,
+    )
     print(f"{stats} in {time.perf_counter() - started:.1f} s")
 
 
 def parser() -> argparse.ArgumentParser:
     """The command line's parser: every subcommand and option."""
-    parser = argparse.ArgumentParser(prog="python -m clipdecomp", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m clipdecomp", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("decompose", help="decompose a dataset into an on-disk cache")
-    run.add_argument("--model", required=True, help="model spec for clipdecomp.load, e.g. toy or ViT-B-16/laion2b_s34b_b88k")
-    run.add_argument("--data", required=True, help="toy[:SPLIT], imagefolder:PATH, waterbirds:PATH or "
-                                                  "wds:PATH/{000000..000099}.tar (webdataset tar shards)")
-    run.add_argument("--out", required=True, help="cache folder (created; rerun the command to resume or repair)")
-    run.add_argument("--n-images", dest="n", type=_integer(1),
-                     help="toy: number of images (default 256); folders: an evenly spaced subset of at most the "
-                          "dataset's size")
-    run.add_argument("--n", dest="n_old", type=_integer(1), help=argparse.SUPPRESS)  # old name: not under torchrun
+    run.add_argument(
+        "--model",
+        required=True,
+        help="model spec for clipdecomp.load, e.g. toy or ViT-B-16/laion2b_s34b_b88k",
+    )
+    run.add_argument(
+        "--data",
+        required=True,
+        help="toy[:SPLIT], imagefolder:PATH, waterbirds:PATH or "
+        "wds:PATH/{000000..000099}.tar (webdataset tar shards)",
+    )
+    run.add_argument(
+        "--out", required=True, help="cache folder (created; rerun the command to resume or repair)"
+    )
+    run.add_argument(
+        "--n-images",
+        dest="n",
+        type=_integer(1),
+        help="toy: number of images (default 256); folders: an evenly spaced subset of at most the "
+        "dataset's size",
+    )
+    run.add_argument(
+        "--n", dest="n_old", type=_integer(1), help=argparse.SUPPRESS
+    )  # old name: not under torchrun
     run.add_argument("--seed", type=_integer(0), default=0, help="toy sampling seed and random-init seed")
-    run.add_argument("--split", choices=["train", "val", "test", "all"], help="Waterbirds split (default test)")
-    run.add_argument("--label-keys", type=_keys, help="wds: sidecar keys holding an integer label each, e.g. cls")
+    run.add_argument(
+        "--split", choices=["train", "val", "test", "all"], help="Waterbirds split (default test)"
+    )
+    run.add_argument(
+        "--label-keys", type=_keys, help="wds: sidecar keys holding an integer label each, e.g. cls"
+    )
     run.add_argument("--caption-keys", type=_keys, help="wds: sidecar keys holding a caption each, e.g. txt")
-    run.add_argument("--strict", action="store_true", help="stop at the first unreadable image or corrupt sample "
-                                                           "instead of skipping it (with a count and a warning)")
+    run.add_argument(
+        "--strict",
+        action="store_true",
+        help="stop at the first unreadable image or corrupt sample "
+        "instead of skipping it (with a count and a warning)",
+    )
     run.add_argument("--batch-size", type=_integer(1), default=32)
-    run.add_argument("--layers", type=parse_layers, default=None,
-                     help="layers that keep per-head detail: all (default), none, 8:12, 9,10,11 or the last four "
-                          "as --layers=-4: (with '=': a leading '-' would read as an option)")
-    run.add_argument("--texts", help="UTF-8 file with one text per line: per-patch terms are dotted with their "
-                                     "embeddings")
-    run.add_argument("--patch-detail", choices=["layer", "head", "sum"],
-                     help="with --texts: layer (default), head or sum")
-    run.add_argument("--shard-size", type=_integer(1), help="images per cache shard (default 1024; tar shards: one "
-                                                           "cache shard per tar file)")
+    run.add_argument(
+        "--layers",
+        type=parse_layers,
+        default=None,
+        help="layers that keep per-head detail: all (default), none, 8:12, 9,10,11 or the last four "
+        "as --layers=-4: (with '=': a leading '-' would read as an option)",
+    )
+    run.add_argument(
+        "--texts", help="UTF-8 file with one text per line: per-patch terms are dotted with their embeddings"
+    )
+    run.add_argument(
+        "--patch-detail", choices=["layer", "head", "sum"], help="with --texts: layer (default), head or sum"
+    )
+    run.add_argument(
+        "--shard-size",
+        type=_integer(1),
+        help="images per cache shard (default 1024; tar shards: one cache shard per tar file)",
+    )
     run.add_argument("--dtype", default="float16", choices=["float16", "float32"])
     run.add_argument("--workers", type=_integer(0), default=0, help="DataLoader processes decoding images")
     run.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N, mps")
     run.add_argument("--threads", type=_integer(1), help="torch CPU threads")
     run.add_argument("--no-progress", action="store_true")
-    check = commands.add_parser("verify", help="re-hash every file of a cache against the checksums recorded with it")
+    check = commands.add_parser(
+        "verify", help="re-hash every file of a cache against the checksums recorded with it"
+    )
     check.add_argument("folder", help="the cache folder")
-    second = commands.add_parser("second-order", help="stream one MLP layer's second-order statistics to a folder")
-    for flag, help_text in (("--model", "model spec for clipdecomp.load"), ("--data", "toy[:SPLIT], imagefolder:PATH "
-                            "or waterbirds:PATH"), ("--out", "statistics folder (created; rerun to resume)")):
+    second = commands.add_parser(
+        "second-order", help="stream one MLP layer's second-order statistics to a folder"
+    )
+    for flag, help_text in (
+        ("--model", "model spec for clipdecomp.load"),
+        ("--data", "toy[:SPLIT], imagefolder:PATH or waterbirds:PATH"),
+        ("--out", "statistics folder (created; rerun to resume)"),
+    ):
         second.add_argument(flag, required=True, help=help_text)
-    second.add_argument("--layer", type=int, required=True, help="the MLP layer (negative counts from the end)")
-    second.add_argument("--top-k", type=_integer(1), default=100, help="images kept per neuron (the paper: 100)")
-    second.add_argument("--n-images", dest="n", type=_integer(1),
-                        help="toy: number of images; folders: an evenly spaced subset")
+    second.add_argument(
+        "--layer", type=int, required=True, help="the MLP layer (negative counts from the end)"
+    )
+    second.add_argument(
+        "--top-k", type=_integer(1), default=100, help="images kept per neuron (the paper: 100)"
+    )
+    second.add_argument(
+        "--n-images",
+        dest="n",
+        type=_integer(1),
+        help="toy: number of images; folders: an evenly spaced subset",
+    )
     second.add_argument("--seed", type=_integer(0), default=0, help="toy sampling seed and random-init seed")
-    second.add_argument("--split", choices=["train", "val", "test", "all"], help="Waterbirds split (default test)")
+    second.add_argument(
+        "--split", choices=["train", "val", "test", "all"], help="Waterbirds split (default test)"
+    )
     for flag, default in (("--batch-size", 32), ("--checkpoint-every", 1024), ("--workers", 0)):
         second.add_argument(flag, type=_integer(1 if flag != "--workers" else 0), default=default)
     second.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N, mps")
@@ -321,8 +438,18 @@ def main(argv: list[str] | None = None) -> None:
     joined = torch.distributed.is_initialized()
     try:
         {"decompose": _decompose, "verify": _verify, "second-order": _second_order}[args.command](args)
-    except (ValueError, IndexError, OSError, NotImplementedError, OverflowError, CacheLockedError, CorruptCacheError,
-            IncompleteCacheError, OtherRankFailedError, WeightsUnavailableError) as error:  # one line, no traceback
+    except (
+        ValueError,
+        IndexError,
+        OSError,
+        NotImplementedError,
+        OverflowError,
+        CacheLockedError,
+        CorruptCacheError,
+        IncompleteCacheError,
+        OtherRankFailedError,
+        WeightsUnavailableError,
+    ) as error:  # one line, no traceback
         command_line.exit(2, f"{command_line.prog} {args.command}: error: {error}\n")
     finally:
         if not joined and torch.distributed.is_initialized():  # the group this command joined (torchrun)

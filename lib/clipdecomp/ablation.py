@@ -10,6 +10,7 @@ all heads). Mean-ablating a component replaces it by its mean over the evaluated
   forward pass (every token position), so later layers and the final LayerNorm see the change. The
   gap between the two measures how much the frozen-LayerNorm, direct-effect view moves a result.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -24,8 +25,18 @@ from .decomposition import Decomposition
 from .loading import ClipBundle
 from .towers import Tower, attention, vision_tower
 
-__all__ = ["mean_ablate", "intervene", "all_mlps", "attention_layers", "cls_terms", "heads_of", "paper_ablations",
-           "ablation_study", "cumulative_sweep"]
+__all__ = [
+    "mean_ablate",
+    "intervene",
+    "all_mlps",
+    "attention_layers",
+    "cls_terms",
+    "heads_of",
+    "paper_ablations",
+    "ablation_study",
+    "cumulative_sweep",
+]
+
 
 def all_mlps(n_layers: int, with_embedding: bool = True) -> list[str]:
     """Every MLP (and, as in the paper's "MLPs" row, the CLS embedding term)."""
@@ -47,21 +58,26 @@ def heads_of(pairs: Iterable[tuple[int, int]]) -> list[str]:
     return [f"L{l}H{h}" for l, h in pairs]
 
 
-def _parse(labels: Sequence[str], n_layers: int, n_heads: int,
-           n_tokens: int | None = None) -> list[tuple[str, int, int, int]]:
+def _parse(
+    labels: Sequence[str], n_layers: int, n_heads: int, n_tokens: int | None = None
+) -> list[tuple[str, int, int, int]]:
     """Validate labels (the :mod:`~clipdecomp.components` grammar) into (kind, layer, head, token)."""
     parsed = []
     for label in labels:
         c = parse_label(label, n_layers, n_heads, n_tokens)
         if c.kind == "pool_mlp":
-            raise ValueError(f"{label}: the attention pool's MLP is part of the readout; mean-ablation covers the "
-                             "trunk's components (embed, attn_L, mlp_L, cls_L, LxHy, LxHyTz).")
+            raise ValueError(
+                f"{label}: the attention pool's MLP is part of the readout; mean-ablation covers the "
+                "trunk's components (embed, attn_L, mlp_L, cls_L, LxHy, LxHyTz)."
+            )
         parsed.append((c.kind, c.layer or 0, c.head or 0, c.token or 0))
     return parsed
 
 
-_NO_CLS = ("cls_L components are the CLS-attends-to-CLS terms, and this tower has no CLS token "
-           "(its attention pool reads every token): ablate heads or layers instead.")
+_NO_CLS = (
+    "cls_L components are the CLS-attends-to-CLS terms, and this tower has no CLS token "
+    "(its attention pool reads every token): ablate heads or layers instead."
+)
 
 
 def _part(parts: Decomposition, kind: str, layer: int, head: int, token: int) -> torch.Tensor:
@@ -76,15 +92,21 @@ def _part(parts: Decomposition, kind: str, layer: int, head: int, token: int) ->
             raise ValueError(_NO_CLS)
         return parts.cls_to_cls[:, layer].sum(1)
     if layer not in parts.head_layers:
-        raise ValueError(f"L{layer}H{head}: layer {layer} has no head detail; decompose with layers including {layer}.")
+        raise ValueError(
+            f"L{layer}H{head}: layer {layer} has no head detail; decompose with layers including {layer}."
+        )
     if kind == "token":
         if not parts.spatial:
-            raise ValueError(f"L{layer}H{head}T{token}: per-token components need decompose(..., spatial=True).")
+            raise ValueError(
+                f"L{layer}H{head}T{token}: per-token components need decompose(..., spatial=True)."
+            )
         return parts.heads[:, parts.head_layers.index(layer), token, head]
     return parts.head_terms()[:, parts.head_layers.index(layer), head]
 
 
-def mean_ablate(parts: Decomposition, ablate: Sequence[str], means: Decomposition | None = None) -> torch.Tensor:
+def mean_ablate(
+    parts: Decomposition, ablate: Sequence[str], means: Decomposition | None = None
+) -> torch.Tensor:
     """[B, d'] embeddings with the named components replaced by their mean (frozen LayerNorm).
 
     ``means`` is the decomposition the means are taken over (default: ``parts`` itself). The result
@@ -117,19 +139,25 @@ class _Target:
 
 def _whole_output(key: str, module: nn.Module, positions: slice) -> _Target:
     """A module's entire output at ``positions`` (token axis 1): an MLP, an attention layer, the embedding."""
+
     def shift(out: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         out = out.clone()
         out[:, positions] += delta
         return out
+
     return _Target(key, module, read=lambda out, u: out[:, positions], shift=shift)
 
 
 def _heads_target(tower: Tower, layer: int, heads: list[int]) -> _Target:
     """Some heads of a layer at every query: their outputs before the out-projection [B, N, H', Dh]."""
     block = tower.blocks[layer]
-    return _Target(f"heads{layer}", block.attn_write, layer=layer,
-                   read=lambda out, u: attention(block.weights(), u, heads)[0],
-                   shift=lambda out, delta: out + block.weights().write(delta, heads, bias=False))
+    return _Target(
+        f"heads{layer}",
+        block.attn_write,
+        layer=layer,
+        read=lambda out, u: attention(block.weights(), u, heads)[0],
+        shift=lambda out, delta: out + block.weights().write(delta, heads, bias=False),
+    )
 
 
 def _cls_target(tower: Tower, layer: int) -> _Target:
@@ -139,13 +167,14 @@ def _cls_target(tower: Tower, layer: int) -> _Target:
     def read(out: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         weights = block.weights()
         _, probs = attention(weights, u)
-        cls_value = weights.split(u[:, :1] @ weights.v.T + weights.v_bias)      # [B, 1, H, Dh]
+        cls_value = weights.split(u[:, :1] @ weights.v.T + weights.v_bias)  # [B, 1, H, Dh]
         return probs[:, :, 0, 0][:, None, :, None] * cls_value
 
     def shift(out: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         out = out.clone()
         out[:, :1] += block.weights().write(delta, bias=False)
         return out
+
     return _Target(f"cls{layer}", block.attn_write, read=read, shift=shift, layer=layer)
 
 
@@ -179,8 +208,9 @@ def _targets(tower: Tower, parsed: list[tuple[str, int, int, int]]) -> list[_Tar
 OnTarget = Callable[[_Target, torch.Tensor, torch.Tensor | None], torch.Tensor | None]
 
 
-def _hooked_run(tower: Tower, targets: list[_Target], batches: Iterable[torch.Tensor],
-                on_target: OnTarget) -> list[torch.Tensor]:
+def _hooked_run(
+    tower: Tower, targets: list[_Target], batches: Iterable[torch.Tensor], on_target: OnTarget
+) -> list[torch.Tensor]:
     """Normalised embeddings of ``batches`` with ``on_target(target, output, u)`` hooked on every target.
 
     A non-None return value replaces the module's output; ``u`` is the attention input of the target's
@@ -189,11 +219,17 @@ def _hooked_run(tower: Tower, targets: list[_Target], batches: Iterable[torch.Te
     inputs: dict[int, torch.Tensor] = {}
     hooks = []
     for layer in sorted({t.layer for t in targets if t.layer is not None}):
-        hooks.append(tower.blocks[layer].attn_input.register_forward_hook(
-            lambda module, args, out, layer=layer: inputs.__setitem__(layer, out)))
+        hooks.append(
+            tower.blocks[layer].attn_input.register_forward_hook(
+                lambda module, args, out, layer=layer: inputs.__setitem__(layer, out)
+            )
+        )
     for target in targets:
-        hooks.append(target.module.register_forward_hook(
-            lambda module, args, out, target=target: on_target(target, out, inputs.get(target.layer))))
+        hooks.append(
+            target.module.register_forward_hook(
+                lambda module, args, out, target=target: on_target(target, out, inputs.get(target.layer))
+            )
+        )
     try:
         return [F.normalize(tower.features(tower.check_images(batch)).float(), dim=-1) for batch in batches]
     finally:
@@ -202,8 +238,12 @@ def _hooked_run(tower: Tower, targets: list[_Target], batches: Iterable[torch.Te
 
 
 @torch.no_grad()
-def intervene(bundle: ClipBundle | torch.nn.Module, batches: Iterable[torch.Tensor] | torch.Tensor,
-              ablate: Sequence[str], batch_size: int = 64) -> torch.Tensor:
+def intervene(
+    bundle: ClipBundle | torch.nn.Module,
+    batches: Iterable[torch.Tensor] | torch.Tensor,
+    ablate: Sequence[str],
+    batch_size: int = 64,
+) -> torch.Tensor:
     """[n, d'] normalised embeddings with the components mean-ablated inside the forward pass.
 
     Two passes over ``batches`` (a [n, 3, H, W] tensor, or a re-iterable of image batches such as a
@@ -213,13 +253,17 @@ def intervene(bundle: ClipBundle | torch.nn.Module, batches: Iterable[torch.Tens
     tower = vision_tower(bundle)
     parsed = _parse(list(dict.fromkeys(ablate)), tower.n_layers, tower.n_heads)
     if any(kind == "token" for kind, *_ in parsed):
-        raise ValueError("intervene ablates whole heads, layers and CLS terms; per-token components (LxHyTz) can "
-                         "only be mean-ablated on a spatial decomposition (mean_ablate).")
+        raise ValueError(
+            "intervene ablates whole heads, layers and CLS terms; per-token components (LxHyTz) can "
+            "only be mean-ablated on a spatial decomposition (mean_ablate)."
+        )
     if isinstance(batches, torch.Tensor):
         batches = batches.split(batch_size)
     elif isinstance(batches, Iterator):
-        raise TypeError("intervene reads the batches twice: pass a tensor, a list or a DataLoader, not a one-shot "
-                        "iterator or generator.")
+        raise TypeError(
+            "intervene reads the batches twice: pass a tensor, a list or a DataLoader, not a one-shot "
+            "iterator or generator."
+        )
     targets = _targets(tower, parsed)
     sums: dict[str, torch.Tensor] = {}
 
@@ -240,14 +284,22 @@ def paper_ablations(n_layers: int, last_k: int = 4) -> dict[str, list[str]]:
     if not 1 <= last_k <= n_layers:
         raise ValueError(f"last_k must lie in 1..{n_layers} (the model's layers), got {last_k!r}.")
     early = n_layers - last_k
-    return {"baseline": [], "all MLPs (+ CLS embedding)": all_mlps(n_layers), "CLS-to-CLS attention terms": cls_terms(n_layers),
-            f"attention layers 0..{early - 1} (all but the last {last_k})": attention_layers(range(early)),
-            f"the last {last_k} attention layers": attention_layers(range(early, n_layers))}
+    return {
+        "baseline": [],
+        "all MLPs (+ CLS embedding)": all_mlps(n_layers),
+        "CLS-to-CLS attention terms": cls_terms(n_layers),
+        f"attention layers 0..{early - 1} (all but the last {last_k})": attention_layers(range(early)),
+        f"the last {last_k} attention layers": attention_layers(range(early, n_layers)),
+    }
 
 
-def ablation_study(parts: Decomposition, score: Callable[[torch.Tensor], dict[str, float]],
-                   rows: dict[str, list[str]], bundle: ClipBundle | None = None,
-                   batches: Iterable[torch.Tensor] | None = None) -> "pd.DataFrame":  # noqa: F821
+def ablation_study(
+    parts: Decomposition,
+    score: Callable[[torch.Tensor], dict[str, float]],
+    rows: dict[str, list[str]],
+    bundle: ClipBundle | None = None,
+    batches: Iterable[torch.Tensor] | None = None,
+) -> "pd.DataFrame":  # noqa: F821
     """Per row and task: accuracy after mean-ablation on the cached decomposition, and (with ``bundle``
     and ``batches``, the same images) after the real intervention, with their gap; fractions.
 
@@ -259,14 +311,25 @@ def ablation_study(parts: Decomposition, score: Callable[[torch.Tensor], dict[st
     for name, components in rows.items():
         cached = score(mean_ablate(parts, components))
         real = score(intervene(bundle, batches, components)) if components and bundle is not None else cached
-        records += [{"ablation": name, "task": task, "cached": cached[task], "real": real[task],
-                     "gap (real - cached)": real[task] - cached[task]} for task in cached]
+        records += [
+            {
+                "ablation": name,
+                "task": task,
+                "cached": cached[task],
+                "real": real[task],
+                "gap (real - cached)": real[task] - cached[task],
+            }
+            for task in cached
+        ]
     return pd.DataFrame(records)
 
 
-def cumulative_sweep(parts: Decomposition, score: Callable[[torch.Tensor], dict[str, float]],
-                     bundle: ClipBundle | None = None,
-                     batches: Iterable[torch.Tensor] | None = None) -> "pd.DataFrame":  # noqa: F821
+def cumulative_sweep(
+    parts: Decomposition,
+    score: Callable[[torch.Tensor], dict[str, float]],
+    bundle: ClipBundle | None = None,
+    batches: Iterable[torch.Tensor] | None = None,
+) -> "pd.DataFrame":  # noqa: F821
     """Accuracy per task after mean-ablating attention layers ``0..l``, for every ``l``: one row per ``l``,
     columns ``"{task} (cached)"`` and, with ``bundle`` and ``batches``, ``"{task} (real)"``."""
     import pandas as pd

@@ -35,6 +35,7 @@ Example:
     >>> data.classes[label], data.ids[1]
     ('n01443537', 'n01443537/a.JPEG')
 """
+
 from __future__ import annotations
 
 import csv
@@ -53,9 +54,19 @@ from tqdm.auto import tqdm
 
 from .checks import check_int, check_texts_list, read_utf8
 
-__all__ = ["DecomposableDataset", "ImageFolderDataset", "WaterbirdsDataset", "ToyDataset", "load_rgb",
-           "describe_transform", "IMAGE_EXTENSIONS", "ShardedDataset", "TarShardDataset", "TarSample",
-           "HOW_TO_GET_WATERBIRDS"]
+__all__ = [
+    "DecomposableDataset",
+    "ImageFolderDataset",
+    "WaterbirdsDataset",
+    "ToyDataset",
+    "load_rgb",
+    "describe_transform",
+    "IMAGE_EXTENSIONS",
+    "ShardedDataset",
+    "TarShardDataset",
+    "TarSample",
+    "HOW_TO_GET_WATERBIRDS",
+]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 """File endings (any case) read as images; other files in a dataset folder are ignored."""
@@ -67,12 +78,14 @@ HOW_TO_GET_WATERBIRDS = (
     "waterbird_complete95_forest2water2.tar.gz), extract it, and pass the extracted folder. Expected "
     "layout: <folder>/metadata.csv with columns img_filename, y, split, place (y: 0 landbird / 1 waterbird; "
     "split: 0 train / 1 val / 2 test; place: 0 land / 1 water) and each image at <folder>/<img_filename>, "
-    "e.g. <folder>/001.Black_footed_Albatross/Black_Footed_Albatross_0046_18.jpg.")
+    "e.g. <folder>/001.Black_footed_Albatross/Black_Footed_Albatross_0046_18.jpg."
+)
 
 IMAGEFOLDER_LAYOUT = (
     "Expected layout: one sub-folder per class holding that class's images, e.g. "
     "<root>/n01440764/ILSVRC2012_val_00000293.JPEG (ImageNet val as distributed is one flat folder: "
-    "sort it into one folder per wnid first).")
+    "sort it into one folder per wnid first)."
+)
 
 
 @runtime_checkable
@@ -107,7 +120,8 @@ def load_rgb(path: str | Path | IO[bytes]) -> Image.Image:
                 pixels = pixels / 257.0
             image = Image.fromarray(np.clip(np.round(pixels), 0, 255).astype(np.uint8))
         has_alpha = image.mode in ("RGBA", "LA", "RGBa", "La") or (
-            image.mode == "P" and "transparency" in image.info)
+            image.mode == "P" and "transparency" in image.info
+        )
         if has_alpha:
             rgba = image.convert("RGBA")
             white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -131,7 +145,9 @@ def _decode_error(path: Path) -> str | None:
     return None
 
 
-def _check_files(root: Path, relpaths: list[str], strict: bool, progress: bool) -> tuple[list[int], list[tuple[str, str]]]:
+def _check_files(
+    root: Path, relpaths: list[str], strict: bool, progress: bool
+) -> tuple[list[int], list[tuple[str, str]]]:
     """Indices of decodable files and (relative path, reason) of the others; strict -> raise on the first."""
     kept, skipped = [], []
     for index, rel in enumerate(tqdm(relpaths, desc="checking images", disable=not progress, leave=False)):
@@ -139,19 +155,26 @@ def _check_files(root: Path, relpaths: list[str], strict: bool, progress: bool) 
         if reason is None:
             kept.append(index)
         elif strict:
-            raise ValueError(f"Cannot read image {root / rel} ({reason}). Replace or delete the file, or pass "
-                             "strict=False to skip unreadable files.")
+            raise ValueError(
+                f"Cannot read image {root / rel} ({reason}). Replace or delete the file, or pass "
+                "strict=False to skip unreadable files."
+            )
         else:
             skipped.append((rel, reason))
     if not kept:
         examples = "; ".join(f"{rel}: {reason}" for rel, reason in skipped[:3])
-        raise ValueError(f"None of the {len(relpaths)} image files under {root} can be read ({examples}"
-                         f"{' ...' if len(skipped) > 3 else ''}). Check that they are whole image files (not partial "
-                         "downloads or Git LFS pointers) and that PIL can open them.")
+        raise ValueError(
+            f"None of the {len(relpaths)} image files under {root} can be read ({examples}"
+            f"{' ...' if len(skipped) > 3 else ''}). Check that they are whole image files (not partial "
+            "downloads or Git LFS pointers) and that PIL can open them."
+        )
     if skipped:
         names = ", ".join(rel for rel, _ in skipped[:10]) + (" ..." if len(skipped) > 10 else "")
-        warnings.warn(f"Skipped {len(skipped)} unreadable image file(s) under {root}: {names}. See the dataset's "
-                      ".skipped for the reasons; pass strict=True to make this an error.", stacklevel=3)
+        warnings.warn(
+            f"Skipped {len(skipped)} unreadable image file(s) under {root}: {names}. See the dataset's "
+            ".skipped for the reasons; pass strict=True to make this an error.",
+            stacklevel=3,
+        )
     return kept, skipped
 
 
@@ -180,14 +203,23 @@ class _FileDataset(torch.utils.data.Dataset):
     labels: dict[str, np.ndarray]
     skipped: list[tuple[str, str]]
 
-    def __init__(self, root: str | Path, preprocess: Callable[[Image.Image], torch.Tensor], what: str, how: str,
-                 strict: bool, progress: bool):
+    def __init__(
+        self,
+        root: str | Path,
+        preprocess: Callable[[Image.Image], torch.Tensor],
+        what: str,
+        how: str,
+        strict: bool,
+        progress: bool,
+    ):
         """Check the arguments shared by file datasets; ``what``/``how`` name the dataset and its layout."""
         if not isinstance(root, (str, os.PathLike)) or not str(root):
             raise TypeError(f"root must be the path of the {what}, got {root!r}.")
         if not callable(preprocess):
-            raise TypeError(f"preprocess must turn a PIL image into a tensor (e.g. bundle.preprocess), got "
-                            f"{preprocess!r}.")
+            raise TypeError(
+                f"preprocess must turn a PIL image into a tensor (e.g. bundle.preprocess), got "
+                f"{preprocess!r}."
+            )
         for name, flag in (("strict", strict), ("progress", progress)):
             if not isinstance(flag, bool):
                 raise TypeError(f"{name} must be True or False, got {flag!r}.")
@@ -215,15 +247,22 @@ class _FileDataset(torch.utils.data.Dataset):
         try:
             picture = load_rgb(path)
         except Exception as error:
-            raise ValueError(f"Cannot read image {path} ({type(error).__name__}: {error}); it was readable when "
-                             "the dataset was created, so it changed since: recreate the dataset.") from error
+            raise ValueError(
+                f"Cannot read image {path} ({type(error).__name__}: {error}); it was readable when "
+                "the dataset was created, so it changed since: recreate the dataset."
+            ) from error
         return self.preprocess(picture)
 
     def _selection_key(self) -> dict:
-        return {"kind": self.kind, "root": str(self.root), "n_images": len(self.relpaths),
-                "preprocess": describe_transform(self.preprocess),
-                "files_sha256": _listing_sha256(self.root, self.relpaths),
-                "labels_sha256": _labels_sha256(self.labels), "skipped": [rel for rel, _ in self.skipped]}
+        return {
+            "kind": self.kind,
+            "root": str(self.root),
+            "n_images": len(self.relpaths),
+            "preprocess": describe_transform(self.preprocess),
+            "files_sha256": _listing_sha256(self.root, self.relpaths),
+            "labels_sha256": _labels_sha256(self.labels),
+            "skipped": [rel for rel, _ in self.skipped],
+        }
 
 
 class ImageFolderDataset(_FileDataset):
@@ -242,32 +281,52 @@ class ImageFolderDataset(_FileDataset):
 
     kind = "imagefolder"
 
-    def __init__(self, root: str | Path, preprocess: Callable[[Image.Image], torch.Tensor], *,
-                 classes: Sequence[str] | None = None, strict: bool = False, progress: bool = True):
+    def __init__(
+        self,
+        root: str | Path,
+        preprocess: Callable[[Image.Image], torch.Tensor],
+        *,
+        classes: Sequence[str] | None = None,
+        strict: bool = False,
+        progress: bool = True,
+    ):
         super().__init__(root, preprocess, "image folder", IMAGEFOLDER_LAYOUT, strict, progress)
         folders = sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
         if not folders:
             loose = [p.name for p in self.root.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS]
-            found = f"found {len(loose)} images directly in it but no class folders" if loose else "it has no class folders"
+            found = (
+                f"found {len(loose)} images directly in it but no class folders"
+                if loose
+                else "it has no class folders"
+            )
             raise ValueError(f"{self.root} is not an image-folder dataset: {found}. {IMAGEFOLDER_LAYOUT}")
         self.classes = folders if classes is None else check_texts_list("classes", classes)
         if len(set(self.classes)) != len(self.classes):
-            raise ValueError("classes contains duplicate names; give each class folder once, in class-index order.")
+            raise ValueError(
+                "classes contains duplicate names; give each class folder once, in class-index order."
+            )
         unknown = sorted(set(folders) - set(self.classes))
         if unknown:
-            raise ValueError(f"Class folders {unknown[:5]}{' ...' if len(unknown) > 5 else ''} under {self.root} are "
-                             f"not in the given classes list ({len(self.classes)} names): pass the full list of "
-                             "folder names in class-index order, or remove the extra folders.")
+            raise ValueError(
+                f"Class folders {unknown[:5]}{' ...' if len(unknown) > 5 else ''} under {self.root} are "
+                f"not in the given classes list ({len(self.classes)} names): pass the full list of "
+                "folder names in class-index order, or remove the extra folders."
+            )
         index_of = {name: i for i, name in enumerate(self.classes)}
         self.relpaths, labels = [], []
         for folder in folders:
-            files = sorted(p.name for p in (self.root / folder).iterdir()
-                           if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+            files = sorted(
+                p.name
+                for p in (self.root / folder).iterdir()
+                if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+            )
             self.relpaths += [f"{folder}/{name}" for name in files]
             labels += [index_of[folder]] * len(files)
         if not self.relpaths:
-            raise ValueError(f"No image files ({', '.join(IMAGE_EXTENSIONS)}) in the class folders of {self.root}. "
-                             f"{IMAGEFOLDER_LAYOUT}")
+            raise ValueError(
+                f"No image files ({', '.join(IMAGE_EXTENSIONS)}) in the class folders of {self.root}. "
+                f"{IMAGEFOLDER_LAYOUT}"
+            )
         self.labels = {"label": np.asarray(labels, dtype=np.int64)}
         self._keep_readable(strict, progress)
 
@@ -275,7 +334,10 @@ class ImageFolderDataset(_FileDataset):
         return self.image(index), int(self.labels["label"][index])
 
     def content_key(self) -> dict:
-        return {**self._selection_key(), "classes_sha256": hashlib.sha256("\n".join(self.classes).encode()).hexdigest()}
+        return {
+            **self._selection_key(),
+            "classes_sha256": hashlib.sha256("\n".join(self.classes).encode()).hexdigest(),
+        }
 
 
 class WaterbirdsDataset(_FileDataset):
@@ -298,16 +360,25 @@ class WaterbirdsDataset(_FileDataset):
     place_names = ["land", "water"]
     group_names = ["landbird on land", "landbird on water", "waterbird on land", "waterbird on water"]
 
-    def __init__(self, root: str | Path, preprocess: Callable[[Image.Image], torch.Tensor],
-                 split: Literal["train", "val", "test", "all"] = "test", *, strict: bool = False, progress: bool = True):
+    def __init__(
+        self,
+        root: str | Path,
+        preprocess: Callable[[Image.Image], torch.Tensor],
+        split: Literal["train", "val", "test", "all"] = "test",
+        *,
+        strict: bool = False,
+        progress: bool = True,
+    ):
         if split != "all" and split not in self.SPLITS:
             raise ValueError(f"split must be 'train', 'val', 'test' or 'all', got {split!r}.")
         super().__init__(root, preprocess, "Waterbirds folder", HOW_TO_GET_WATERBIRDS, strict, progress)
         self.split = split
         metadata = self.root / "metadata.csv"
         if not metadata.is_file():
-            raise FileNotFoundError(f"{metadata} is missing: {self.root} is not an extracted Waterbirds folder. "
-                                    f"{HOW_TO_GET_WATERBIRDS}")
+            raise FileNotFoundError(
+                f"{metadata} is missing: {self.root} is not an extracted Waterbirds folder. "
+                f"{HOW_TO_GET_WATERBIRDS}"
+            )
         rows = self._read_metadata(metadata)
         wanted = [r for r in rows if split == "all" or r["split"] == self.SPLITS[split]]
         if not wanted:
@@ -315,12 +386,16 @@ class WaterbirdsDataset(_FileDataset):
         for row in wanted:  # metadata may only name files inside the dataset folder
             target = (self.root / row["img_filename"]).resolve()
             if target == self.root or not target.is_relative_to(self.root):
-                raise ValueError(f"{metadata} line {row['line']}: img_filename {row['img_filename']!r} points outside "
-                                 f"{self.root} (to {target}); every image must be a file inside the dataset folder.")
+                raise ValueError(
+                    f"{metadata} line {row['line']}: img_filename {row['img_filename']!r} points outside "
+                    f"{self.root} (to {target}); every image must be a file inside the dataset folder."
+                )
         missing = [r["img_filename"] for r in wanted if not (self.root / r["img_filename"]).is_file()]
         if missing:
-            raise FileNotFoundError(f"{len(missing)} image(s) listed in {metadata} are missing, e.g. "
-                                    f"{self.root / missing[0]}: the extraction is incomplete. {HOW_TO_GET_WATERBIRDS}")
+            raise FileNotFoundError(
+                f"{len(missing)} image(s) listed in {metadata} are missing, e.g. "
+                f"{self.root / missing[0]}: the extraction is incomplete. {HOW_TO_GET_WATERBIRDS}"
+            )
         self.metadata_sha256 = hashlib.sha256(metadata.read_bytes()).hexdigest()
         self.relpaths = [r["img_filename"] for r in wanted]
         y = np.array([r["y"] for r in wanted], dtype=np.int64)
@@ -335,26 +410,38 @@ class WaterbirdsDataset(_FileDataset):
             needed = {"img_filename", "y", "split", "place"}
             columns = set(reader.fieldnames or [])
             if not needed <= columns:
-                raise ValueError(f"{path} lacks the column(s) {sorted(needed - columns)} (has {sorted(columns)}). "
-                                 f"{HOW_TO_GET_WATERBIRDS}")
+                raise ValueError(
+                    f"{path} lacks the column(s) {sorted(needed - columns)} (has {sorted(columns)}). "
+                    f"{HOW_TO_GET_WATERBIRDS}"
+                )
             rows = []
             for line, row in enumerate(reader, start=2):
                 try:
                     parsed = {k: int(float(row[k])) for k in ("y", "split", "place")}
                 except (TypeError, ValueError):
-                    raise ValueError(f"{path} line {line}: y, split and place must be integers, got "
-                                     f"{[row.get(k) for k in ('y', 'split', 'place')]}. {HOW_TO_GET_WATERBIRDS}") from None
-                if parsed["y"] not in (0, 1) or parsed["place"] not in (0, 1) or parsed["split"] not in (0, 1, 2):
-                    raise ValueError(f"{path} line {line}: expected y, place in {{0, 1}} and split in {{0, 1, 2}}, "
-                                     f"got {parsed}. {HOW_TO_GET_WATERBIRDS}")
+                    raise ValueError(
+                        f"{path} line {line}: y, split and place must be integers, got "
+                        f"{[row.get(k) for k in ('y', 'split', 'place')]}. {HOW_TO_GET_WATERBIRDS}"
+                    ) from None
+                if (
+                    parsed["y"] not in (0, 1)
+                    or parsed["place"] not in (0, 1)
+                    or parsed["split"] not in (0, 1, 2)
+                ):
+                    raise ValueError(
+                        f"{path} line {line}: expected y, place in {{0, 1}} and split in {{0, 1, 2}}, "
+                        f"got {parsed}. {HOW_TO_GET_WATERBIRDS}"
+                    )
                 if not (row["img_filename"] or "").strip():
                     raise ValueError(f"{path} line {line}: img_filename is empty. {HOW_TO_GET_WATERBIRDS}")
                 rows.append({"img_filename": row["img_filename"], "line": line, **parsed})
         first_line: dict[str, int] = {}
         for row in rows:
             if row["img_filename"] in first_line:
-                raise ValueError(f"{path} lines {first_line[row['img_filename']]} and {row['line']} both list "
-                                 f"{row['img_filename']!r}: each image must appear once. {HOW_TO_GET_WATERBIRDS}")
+                raise ValueError(
+                    f"{path} lines {first_line[row['img_filename']]} and {row['line']} both list "
+                    f"{row['img_filename']!r}: each image must appear once. {HOW_TO_GET_WATERBIRDS}"
+                )
             first_line[row["img_filename"]] = row["line"]
         return rows
 
@@ -382,8 +469,15 @@ class ToyDataset(torch.utils.data.Dataset):
 
     kind = "toy"
 
-    def __init__(self, n: int, seed: int = 0, preprocess: Callable[[Image.Image], torch.Tensor] | None = None, *,
-                 split: str = "uniform", masks: bool = False):
+    def __init__(
+        self,
+        n: int,
+        seed: int = 0,
+        preprocess: Callable[[Image.Image], torch.Tensor] | None = None,
+        *,
+        split: str = "uniform",
+        masks: bool = False,
+    ):
         from . import toy
 
         if preprocess is None or not callable(preprocess):
@@ -413,9 +507,15 @@ class ToyDataset(torch.utils.data.Dataset):
 
     def content_key(self) -> dict:
         pixels = hashlib.sha256(np.ascontiguousarray(self.samples.images).tobytes()).hexdigest()
-        return {"kind": self.kind, "n_images": self.n, "seed": self.seed, "split": self.split,
-                "preprocess": describe_transform(self.preprocess),
-                "images_sha256": pixels, "labels_sha256": _labels_sha256(self.labels)}
+        return {
+            "kind": self.kind,
+            "n_images": self.n,
+            "seed": self.seed,
+            "split": self.split,
+            "preprocess": describe_transform(self.preprocess),
+            "images_sha256": pixels,
+            "labels_sha256": _labels_sha256(self.labels),
+        }
 
 
 class TarSample(NamedTuple):
@@ -443,14 +543,15 @@ class ShardedDataset(Protocol):
     caption_names: list[str]
 
     def samples(self, shard: int, skipped: list | None = None) -> Iterator[TarSample]:
-        """The readable samples of shard ``shard`` in order; ``(id, reason)`` of unreadable ones go to ``skipped``."""
+        """The readable samples of shard ``shard`` in order; ``(id, reason)`` of unreadable ones go to
+        ``skipped``."""
 
     def content_key(self) -> dict:
         """A small JSON-able description that changes whenever a shard changes."""
 
 
 class TarShardDataset(torch.utils.data.IterableDataset):
-    """Webdataset tar shards (``data/{000000..000099}.tar``), streamed one shard at a time with ``webdataset``.
+    """Webdataset tar shards (``data/{000000..000099}.tar``), streamed one shard at a time (``webdataset``).
 
     Args:
         shards: a brace pattern such as ``"data/{000000..000099}.tar"`` (expanded the way webdataset
@@ -466,7 +567,8 @@ class TarShardDataset(torch.utils.data.IterableDataset):
     image is the member whose extension comes first in :data:`IMAGE_EXTENSIONS`; its id is
     ``"<shard name>/<__key__>"`` (shard names are paths relative to the shards' common folder), so ids are
     unique across shards and stable while the files are. Nothing is read up front (the files must
-    exist); while streaming, a sample that has no image, an image that does not decode, a missing or non-integer
+    exist); while streaming, a sample that has no image, an image that does not decode, a missing or
+    non-integer
     label, a caption that is not UTF-8, a key repeated within a shard, and the unreadable rest of a
     truncated tar are skipped, counted and named in one warning per pass (or, ``strict``, raised).
 
@@ -479,18 +581,27 @@ class TarShardDataset(torch.utils.data.IterableDataset):
 
         data = TarShardDataset("laion/{00000..00009}.tar", bundle.preprocess, captions=["txt"])
         cache = DecompositionCache.build(bundle, data, "caches/laion10")   # one cache shard per tar
-        cache.captions["txt"][:2], cache.ids[:2]     # (['a dog on a beach', ...], ['00000.tar/000000017', ...])
+        cache.captions["txt"][:2], cache.ids[:2]  # (['a dog on a beach', ...], ['00000.tar/000000017', ...])
     """
 
     kind = "wds"
 
-    def __init__(self, shards: str | Sequence[str | Path], preprocess: Callable[[Image.Image], torch.Tensor], *,
-                 labels: Sequence[str] = (), captions: Sequence[str] = (), strict: bool = False):
+    def __init__(
+        self,
+        shards: str | Sequence[str | Path],
+        preprocess: Callable[[Image.Image], torch.Tensor],
+        *,
+        labels: Sequence[str] = (),
+        captions: Sequence[str] = (),
+        strict: bool = False,
+    ):
         from webdataset.shardlists import expand_urls
 
         if not callable(preprocess):
-            raise TypeError(f"preprocess must turn a PIL image into a tensor (e.g. bundle.preprocess), got "
-                            f"{preprocess!r}.")
+            raise TypeError(
+                f"preprocess must turn a PIL image into a tensor (e.g. bundle.preprocess), got "
+                f"{preprocess!r}."
+            )
         if not isinstance(strict, bool):
             raise TypeError(f"strict must be True or False, got {strict!r}.")
         if isinstance(shards, (str, os.PathLike)):
@@ -498,26 +609,36 @@ class TarShardDataset(torch.utils.data.IterableDataset):
         elif isinstance(shards, Sequence) and not isinstance(shards, bytes):
             names = [os.fspath(name) for name in shards]
         else:
-            raise TypeError(f"shards must be a brace pattern such as 'data/{{000000..000009}}.tar' or a list of tar "
-                            f"files, got {type(shards).__name__}.")
+            raise TypeError(
+                f"shards must be a brace pattern such as 'data/{{000000..000009}}.tar' or a list of tar "
+                f"files, got {type(shards).__name__}."
+            )
         if not names:
             raise ValueError("shards names no tar files: give a pattern such as 'data/{000000..000009}.tar'.")
         self.label_names = self._check_keys("labels", labels)
         self.caption_names = self._check_keys("captions", captions)
         if set(self.label_names) & set(self.caption_names):
-            raise ValueError(f"{sorted(set(self.label_names) & set(self.caption_names))} is listed both as a label "
-                             "and as a caption key: a sidecar file is one or the other.")
+            raise ValueError(
+                f"{sorted(set(self.label_names) & set(self.caption_names))} is listed both as a label "
+                "and as a caption key: a sidecar file is one or the other."
+            )
         self.paths = [Path(name).expanduser().resolve() for name in names]
         for name, path in zip(names, self.paths):
             if "://" in name or name.startswith("pipe:"):
-                raise ValueError(f"{name}: only local tar files can be read (their sizes and times key the cache); "
-                                 "copy the shards to a local or mounted folder.")
+                raise ValueError(
+                    f"{name}: only local tar files can be read (their sizes and times key the cache); "
+                    "copy the shards to a local or mounted folder."
+                )
             if not path.exists():
-                raise FileNotFoundError(f"Tar shard {path} does not exist (from {shards!r}); check the folder and "
-                                        "the brace range, e.g. 'data/{000000..000009}.tar'.")
+                raise FileNotFoundError(
+                    f"Tar shard {path} does not exist (from {shards!r}); check the folder and "
+                    "the brace range, e.g. 'data/{000000..000009}.tar'."
+                )
             if not path.is_file():
-                raise IsADirectoryError(f"{path} is a folder, not a tar shard: give the .tar files themselves, e.g. "
-                                        f"'{path}/{{000000..000009}}.tar'.")
+                raise IsADirectoryError(
+                    f"{path} is a folder, not a tar shard: give the .tar files themselves, e.g. "
+                    f"'{path}/{{000000..000009}}.tar'."
+                )
         if len(set(self.paths)) != len(self.paths):
             raise ValueError("shards lists the same tar file twice; each shard must appear once.")
         self.root = Path(os.path.commonpath([path.parent for path in self.paths]))
@@ -529,7 +650,9 @@ class TarShardDataset(torch.utils.data.IterableDataset):
         keys = check_texts_list(what, keys) if keys else []
         for key in keys:
             if not re.fullmatch(r"[\w][\w.-]*", key) or key.startswith("__"):
-                raise ValueError(f"{what} key {key!r} is not a sidecar extension (e.g. 'cls', 'txt', 'json').")
+                raise ValueError(
+                    f"{what} key {key!r} is not a sidecar extension (e.g. 'cls', 'txt', 'json')."
+                )
         if len(set(keys)) != len(keys):
             raise ValueError(f"{what} lists a key twice: {keys}.")
         return [key.lower() for key in keys]  # webdataset lower-cases extensions
@@ -566,8 +689,10 @@ class TarShardDataset(torch.utils.data.IterableDataset):
             except StopIteration:
                 break
             except Exception as error:  # strict: the tar itself is unreadable (truncated, not a tar, ...)
-                raise ValueError(f"Cannot read tar shard {path} after {index + 1} samples ({_first_line(error)}). "
-                                 "Replace the shard, or pass strict=False to keep the samples before the damage.") from error
+                raise ValueError(
+                    f"Cannot read tar shard {path} after {index + 1} samples ({_first_line(error)}). "
+                    "Replace the shard, or pass strict=False to keep the samples before the damage."
+                ) from error
             index += 1
             sample_id = f"{name}/{sample['__key__']}"
             reason = "its key repeats an earlier sample of the shard" if sample_id in seen else None
@@ -579,13 +704,20 @@ class TarShardDataset(torch.utils.data.IterableDataset):
                     reason = str(problem)
             if reason is not None:
                 if self.strict:
-                    raise ValueError(f"Sample {sample_id} of {path} is corrupt: {reason}. Replace the shard, or pass "
-                                     "strict=False to skip corrupt samples.")
+                    raise ValueError(
+                        f"Sample {sample_id} of {path} is corrupt: {reason}. Replace the shard, or pass "
+                        "strict=False to skip corrupt samples."
+                    )
                 problems.append((sample_id, reason))
                 continue
             yield TarSample(self.preprocess(picture), sample_id, index, labels, captions)
         for error in tar_errors:
-            problems.append((f"{name}/(after sample {index + 1})", f"the tar is unreadable from here ({_first_line(error)})"))
+            problems.append(
+                (
+                    f"{name}/(after sample {index + 1})",
+                    f"the tar is unreadable from here ({_first_line(error)})",
+                )
+            )
         if skipped is None:
             _warn_skipped(problems, f"tar shard {path}")
 
@@ -593,18 +725,24 @@ class TarShardDataset(torch.utils.data.IterableDataset):
         files = sorted(key for key in sample if not key.startswith("__"))
         images = [ext for ext in (e[1:] for e in IMAGE_EXTENSIONS) if ext in sample]
         if not images:
-            raise _CorruptSample(f"it has no image (its files: {', '.join('.' + k for k in files) or 'none'}; images "
-                                 f"end in {', '.join(IMAGE_EXTENSIONS)})")
+            raise _CorruptSample(
+                f"it has no image (its files: {', '.join('.' + k for k in files) or 'none'}; images "
+                f"end in {', '.join(IMAGE_EXTENSIONS)})"
+            )
         try:
             picture = load_rgb(io.BytesIO(sample[images[0]]))
         except Exception as error:  # PIL raises many types for bad files; the message is what matters
-            member = f"{sample['__key__']}.{images[0]}"  # not "<_io.BytesIO object at 0x...>": reasons are stored
+            member = (
+                f"{sample['__key__']}.{images[0]}"  # not "<_io.BytesIO object at 0x...>": reasons are stored
+            )
             reason = re.sub(r"<[^<>]* at 0x[0-9a-fA-F]+>", member, f"{type(error).__name__}: {error}")
             raise _CorruptSample(f"its .{images[0]} does not decode ({reason})") from None
         labels, captions = {}, {}
         for key in self.label_names + self.caption_names:
             if key not in sample:
-                raise _CorruptSample(f"it has no .{key} file (its files: {', '.join('.' + k for k in files)})")
+                raise _CorruptSample(
+                    f"it has no .{key} file (its files: {', '.join('.' + k for k in files)})"
+                )
             try:
                 text = sample[key].decode("utf-8")
             except UnicodeDecodeError:
@@ -615,7 +753,9 @@ class TarShardDataset(torch.utils.data.IterableDataset):
             try:
                 labels[key] = int(text.strip())
             except ValueError:
-                raise _CorruptSample(f"its .{key} holds {text.strip()[:40]!r}, not an integer label") from None
+                raise _CorruptSample(
+                    f"its .{key} holds {text.strip()[:40]!r}, not an integer label"
+                ) from None
         return picture, labels, captions
 
     def __iter__(self) -> Iterator[TarSample]:
@@ -631,10 +771,18 @@ class TarShardDataset(torch.utils.data.IterableDataset):
         for name, path in zip(self.shard_names, self.paths):
             stat = os.stat(path)
             digest.update(f"{name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
-        return {"kind": self.kind, "root": str(self.root), "n_shards": len(self.paths),
-                "first_shard": self.shard_names[0], "last_shard": self.shard_names[-1],
-                "shards_sha256": digest.hexdigest(), "preprocess": describe_transform(self.preprocess),
-                "labels": self.label_names, "captions": self.caption_names, "strict": self.strict}
+        return {
+            "kind": self.kind,
+            "root": str(self.root),
+            "n_shards": len(self.paths),
+            "first_shard": self.shard_names[0],
+            "last_shard": self.shard_names[-1],
+            "shards_sha256": digest.hexdigest(),
+            "preprocess": describe_transform(self.preprocess),
+            "labels": self.label_names,
+            "captions": self.caption_names,
+            "strict": self.strict,
+        }
 
 
 class _CorruptSample(Exception):
@@ -650,5 +798,8 @@ def _first_line(error: Exception) -> str:
 def _warn_skipped(skipped: Sequence[tuple[str, str]], where: str) -> None:
     if skipped:
         named = "; ".join(f"{sample_id} ({reason})" for sample_id, reason in skipped[:5])
-        warnings.warn(f"Skipped {len(skipped)} corrupt sample(s) in {where}: {named}"
-                      f"{' ...' if len(skipped) > 5 else ''}. Pass strict=True to make this an error.", stacklevel=3)
+        warnings.warn(
+            f"Skipped {len(skipped)} corrupt sample(s) in {where}: {named}"
+            f"{' ...' if len(skipped) > 5 else ''}. Pass strict=True to make this an error.",
+            stacklevel=3,
+        )

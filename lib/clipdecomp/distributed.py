@@ -20,6 +20,7 @@ Example, ``build.py`` started as ``torchrun --nproc_per_node=4 build.py`` (one p
     bundle = clipdecomp.load("ViT-L-14/openai", device=local_device())    # cuda:LOCAL_RANK
     cache = DecompositionCache.build(bundle, data, "caches/l14")           # on every rank, same arguments
 """
+
 from __future__ import annotations
 
 import datetime
@@ -44,19 +45,23 @@ class OtherRankFailedError(RuntimeError):
 
 def launched_ranks() -> tuple[int, int, int]:
     """``(RANK, WORLD_SIZE, LOCAL_RANK)`` as a launcher such as torchrun set them, else ``(0, 1, 0)``."""
+
     def number(name: str, default: int) -> int:
         text = os.environ.get(name, "")
         try:
             return int(text) if text else default
         except ValueError:
-            raise ValueError(f"The environment variable {name}={text!r} is not an integer; it is set by the "
-                             "launcher (torchrun): start the job with torchrun, or unset it.") from None
+            raise ValueError(
+                f"The environment variable {name}={text!r} is not an integer; it is set by the "
+                "launcher (torchrun): start the job with torchrun, or unset it."
+            ) from None
 
     return number("RANK", 0), number("WORLD_SIZE", 1), number("LOCAL_RANK", 0)
 
 
 def local_device(preferred: str = "auto") -> torch.device:
-    """This rank's device: ``cuda:LOCAL_RANK`` when CUDA is preferred (``"auto"`` with a GPU, ``"cuda"``), else cpu.
+    """This rank's device: ``cuda:LOCAL_RANK`` when CUDA is preferred (``"auto"`` with a GPU, or
+    ``"cuda"``), else cpu.
 
     Each process of a host drives its own GPU; ``LOCAL_RANK`` is 0 outside a launcher.
     """
@@ -64,11 +69,15 @@ def local_device(preferred: str = "auto") -> torch.device:
     if preferred == "cpu" or (preferred == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if preferred not in ("auto", "cuda"):
-        raise ValueError(f"local_device picks cuda:LOCAL_RANK or cpu; got {preferred!r} (use 'auto', 'cuda' or 'cpu').")
+        raise ValueError(
+            f"local_device picks cuda:LOCAL_RANK or cpu; got {preferred!r} (use 'auto', 'cuda' or 'cpu')."
+        )
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if local_rank >= count:
-        raise ValueError(f"LOCAL_RANK {local_rank} has no GPU of its own: this host has {count} CUDA GPU(s). Start at "
-                         f"most {count} processes per host (torchrun --nproc_per_node={max(count, 1)}), or use cpu.")
+        raise ValueError(
+            f"LOCAL_RANK {local_rank} has no GPU of its own: this host has {count} CUDA GPU(s). Start at "
+            f"most {count} processes per host (torchrun --nproc_per_node={max(count, 1)}), or use cpu."
+        )
     return torch.device("cuda", local_rank)
 
 
@@ -101,10 +110,12 @@ class Ranks:
         else:
             _, launched, _ = launched_ranks()
             if launched > 1:
-                raise RuntimeError(f"This process was launched as one of {launched} ranks (WORLD_SIZE={launched}), "
-                                   "but no torch.distributed process group is initialised, so every rank would build "
-                                   "the whole cache: call torch.distributed.init_process_group() on every rank first "
-                                   "(`python -m clipdecomp decompose` does this itself).")
+                raise RuntimeError(
+                    f"This process was launched as one of {launched} ranks (WORLD_SIZE={launched}), "
+                    "but no torch.distributed process group is initialised, so every rank would build "
+                    "the whole cache: call torch.distributed.init_process_group() on every rank first "
+                    "(`python -m clipdecomp decompose` does this itself)."
+                )
 
     @property
     def leads(self) -> bool:
@@ -166,7 +177,8 @@ class Ranks:
         return message[1]
 
     def wait_for_all(self, meanwhile: Callable[[], None], every: float = 0.5) -> None:
-        """Block until every rank arrives here, calling ``meanwhile`` (e.g. a progress refresh) while waiting."""
+        """Block until every rank arrives here, calling ``meanwhile`` (e.g. a progress refresh) while
+        waiting."""
         if self._group is None:
             return
         arrived = dist.barrier(group=self._group, async_op=True)
@@ -178,8 +190,10 @@ class Ranks:
     def _raise_if_failed(self, outcomes: list) -> None:
         for rank, outcome in enumerate(outcomes):
             if outcome is not None:
-                raise OtherRankFailedError(f"rank {rank} of this job stopped the build ({outcome}); rank {self.rank} "
-                                           "stopped too. Finished shards are kept: run the same job again to resume.")
+                raise OtherRankFailedError(
+                    f"rank {rank} of this job stopped the build ({outcome}); rank {self.rank} "
+                    "stopped too. Finished shards are kept: run the same job again to resume."
+                )
 
 
 def _describe(error: BaseException) -> str:

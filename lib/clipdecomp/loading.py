@@ -26,6 +26,7 @@ Spec forms accepted by :func:`load`:
     A folder written by transformers' ``save_pretrained`` (``config.json`` + safetensors weights, and
     the processor's files: ``preprocessor_config.json``, plus the tokenizer's for text).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -39,9 +40,9 @@ from urllib.parse import urlparse
 
 import numpy as np
 import open_clip
-from PIL import Image
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from .paths import data_dir
 
@@ -89,7 +90,7 @@ class ClipBundle:
             raise ValueError("encode_text got an empty list of texts.")
         chunks = []
         for start in range(0, len(texts), batch_size):
-            tokens = self.tokenizer(list(texts[start:start + batch_size])).to(self.device)
+            tokens = self.tokenizer(list(texts[start : start + batch_size])).to(self.device)
             chunks.append(self.model.encode_text(tokens).float())
         return F.normalize(torch.cat(chunks), dim=-1)
 
@@ -98,7 +99,9 @@ class ClipBundle:
         (e.g. ``toy.sample(...).images``), through the bundle's own preprocess."""
         if isinstance(images, Image.Image):
             images = [images]
-        pictures = [Image.fromarray(image) if not isinstance(image, Image.Image) else image for image in images]
+        pictures = [
+            Image.fromarray(image) if not isinstance(image, Image.Image) else image for image in images
+        ]
         if not pictures:
             raise ValueError("preprocess_batch got no images.")
         return torch.stack([self.preprocess(picture) for picture in pictures]).to(self.device)
@@ -136,8 +139,14 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def load(spec: str, device: str | torch.device = "cpu", *, checkpoint: str | Path | None = None,
-         precision: str = "fp32", cache_dir: str | None = None) -> ClipBundle:
+def load(
+    spec: str,
+    device: str | torch.device = "cpu",
+    *,
+    checkpoint: str | Path | None = None,
+    precision: str = "fp32",
+    cache_dir: str | None = None,
+) -> ClipBundle:
     """Load a CLIP model from a spec string (see the module docstring for the forms).
 
     Example:
@@ -155,7 +164,8 @@ def load(spec: str, device: str | torch.device = "cpu", *, checkpoint: str | Pat
             raise FileNotFoundError(
                 f"The toy model is missing from {folder}. It ships with the repository: clone it "
                 "(git clone ...) and install with `pip install -e .`, or set CLIPDECOMP_DATA to the "
-                "repository's data/ folder.")
+                "repository's data/ folder."
+            )
         return _from_local_dir(folder, spec, device, precision)
     if spec.startswith("hf:") or (checkpoint is None and _is_hf_folder(Path(spec).expanduser())):
         return _from_hugging_face(spec.removeprefix("hf:"), spec, device, precision, cache_dir)
@@ -166,19 +176,29 @@ def load(spec: str, device: str | torch.device = "cpu", *, checkpoint: str | Pat
     if arch not in open_clip.list_models():
         path = Path(spec).expanduser()
         if path.is_file():
-            raise ValueError(f"{path} is a weights file: name its architecture too, e.g. "
-                             f"load('ViT-B-16', checkpoint={str(path)!r}).")
+            raise ValueError(
+                f"{path} is a weights file: name its architecture too, e.g. "
+                f"load('ViT-B-16', checkpoint={str(path)!r})."
+            )
         if not arch or "/" in spec or spec.startswith(("~", ".")):
-            read_as = f" ({arch!r} is not an open_clip architecture, so the spec was read as a path)" if arch else ""
+            read_as = (
+                f" ({arch!r} is not an open_clip architecture, so the spec was read as a path)"
+                if arch
+                else ""
+            )
             raise FileNotFoundError(
                 f"No model folder or checkpoint file at {path}{read_as}: check the path, or use 'toy', an "
-                "architecture such as 'ViT-B-16' or 'ARCH/PRETRAINED_TAG'.")
+                "architecture such as 'ViT-B-16' or 'ARCH/PRETRAINED_TAG'."
+            )
         raise ValueError(
             f"Unknown model spec {spec!r}: {arch!r} is not an open_clip architecture. Use 'toy', an "
             f"architecture such as 'ViT-B-16', 'ARCH/PRETRAINED_TAG' (see open_clip.list_pretrained()), "
-            "a folder in open_clip's local-dir layout, or pass checkpoint=PATH.")
+            "a folder in open_clip's local-dir layout, or pass checkpoint=PATH."
+        )
     if checkpoint is None and tag and (Path(tag).expanduser().exists() or _looks_like_path(tag)):
-        checkpoint = Path(tag).expanduser()  # a missing file or a folder is named as such, not as an unknown tag
+        checkpoint = Path(
+            tag
+        ).expanduser()  # a missing file or a folder is named as such, not as an unknown tag
     if checkpoint is not None:
         return _from_checkpoint(arch, Path(checkpoint), spec, device, precision, quick_gelu=False)
     if not tag:
@@ -188,81 +208,117 @@ def load(spec: str, device: str | torch.device = "cpu", *, checkpoint: str | Pat
 
 
 def _looks_like_path(tag: str) -> bool:
-    """Whether the part after ``ARCH/`` is meant as a file (pretrained tags hold no '/' and no file suffix)."""
-    return "/" in tag or tag.startswith(("~", ".")) or Path(tag).suffix.lower() in (".safetensors", ".bin", ".pt",
-                                                                                  ".pth", ".ckpt")
+    """Whether the part after ``ARCH/`` is meant as a file (pretrained tags hold no '/' and no file
+    suffix)."""
+    return (
+        "/" in tag
+        or tag.startswith(("~", "."))
+        or Path(tag).suffix.lower() in (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
+    )
 
 
 def _raise_if_not_the_weights(error: Exception, device: torch.device) -> None:
     """Re-raise a failed load whose cause is not the weights file (no GPU, out of memory) as what it is."""
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"Device {device} was requested, but torch sees no CUDA GPU on this machine ({error}). "
-                           "Load with device='cpu', or run where a GPU and its driver are installed.") from error
+        raise RuntimeError(
+            f"Device {device} was requested, but torch sees no CUDA GPU on this machine ({error}). "
+            "Load with device='cpu', or run where a GPU and its driver are installed."
+        ) from error
     if isinstance(error, (MemoryError, torch.cuda.OutOfMemoryError)):
         raise error
 
 
 def _bundle(model, preprocess, tokenizer, spec, sha, device) -> ClipBundle:
     model.eval()
-    return ClipBundle(model=model, preprocess=preprocess, tokenizer=tokenizer, spec=spec,
-                      weights_sha256=sha, device=device)
+    return ClipBundle(
+        model=model, preprocess=preprocess, tokenizer=tokenizer, spec=spec, weights_sha256=sha, device=device
+    )
 
 
 def _from_local_dir(folder: Path, spec: str, device, precision) -> ClipBundle:
-    weights = [p for p in (folder / "open_clip_model.safetensors", folder / "open_clip_pytorch_model.bin")
-               if p.is_file()]
+    weights = [
+        p
+        for p in (folder / "open_clip_model.safetensors", folder / "open_clip_pytorch_model.bin")
+        if p.is_file()
+    ]
     if not weights:
         raise FileNotFoundError(f"No weights (open_clip_model.safetensors) found in {folder}.")
     if not (folder / "open_clip_config.json").is_file():
-        raise FileNotFoundError(f"{folder} has weights but no open_clip_config.json (the model's architecture), which "
-                                "open_clip's local-dir layout needs beside them: restore it, or load the weights with "
-                                "load('ARCH', checkpoint=PATH).")
+        raise FileNotFoundError(
+            f"{folder} has weights but no open_clip_config.json (the model's architecture), which "
+            "open_clip's local-dir layout needs beside them: restore it, or load the weights with "
+            "load('ARCH', checkpoint=PATH)."
+        )
     name = f"local-dir:{folder}"
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(name, device=device, precision=precision)
     except Exception as error:  # open_clip raises several types for bad files; one clear message here
         _raise_if_not_the_weights(error, device)
-        raise ValueError(f"Could not load the model in {folder}: {error}. The weights file may be "
-                         "truncated or corrupt: restore it (e.g. `git checkout -- data/`).") from error
+        raise ValueError(
+            f"Could not load the model in {folder}: {error}. The weights file may be "
+            "truncated or corrupt: restore it (e.g. `git checkout -- data/`)."
+        ) from error
     return _bundle(model, preprocess, open_clip.get_tokenizer(name), spec, file_sha256(weights[0]), device)
 
 
-def _from_checkpoint(arch: str, path: Path, spec: str, device, precision, quick_gelu: bool,
-                     mean=None, std=None) -> ClipBundle:
+def _from_checkpoint(
+    arch: str, path: Path, spec: str, device, precision, quick_gelu: bool, mean=None, std=None
+) -> ClipBundle:
     if path.is_dir():
-        raise IsADirectoryError(f"Checkpoint {path} is a folder, not a weights file: pass the .safetensors (or .bin) "
-                                f"file inside it, or load('{path}') for a folder in open_clip's local-dir layout.")
+        raise IsADirectoryError(
+            f"Checkpoint {path} is a folder, not a weights file: pass the .safetensors (or .bin) "
+            f"file inside it, or load('{path}') for a folder in open_clip's local-dir layout."
+        )
     if not path.is_file():
         raise FileNotFoundError(f"Checkpoint {path} does not exist.")
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(
-            arch, pretrained=str(path), device=device, precision=precision, force_quick_gelu=quick_gelu,
-            image_mean=mean, image_std=std, weights_only=True)
+            arch,
+            pretrained=str(path),
+            device=device,
+            precision=precision,
+            force_quick_gelu=quick_gelu,
+            image_mean=mean,
+            image_std=std,
+            weights_only=True,
+        )
     except Exception as error:
         _raise_if_not_the_weights(error, device)
         raise ValueError(
             f"Could not load checkpoint {path} into {arch}: {error}. Checkpoints are read safely "
             "(safetensors, or torch.load with weights_only=True, which refuses arbitrary pickled "
             "objects); the file may be truncated, corrupt, for another architecture, or an untrusted "
-            "pickle. Re-download it or convert it to safetensors.") from error
+            "pickle. Re-download it or convert it to safetensors."
+        ) from error
     return _bundle(model, preprocess, _open_clip_tokenizer(arch), spec, file_sha256(path), device)
 
 
 def _from_pretrained_tag(arch, tag, spec, device, precision, cache_dir) -> ClipBundle:
     cfg = open_clip.get_pretrained_cfg(arch, tag)
     if not cfg:
-        raise ValueError(f"Unknown pretrained tag {tag!r} for {arch}. Known tags: "
-                         f"{open_clip.list_pretrained_tags_by_model(arch)}.")
+        raise ValueError(
+            f"Unknown pretrained tag {tag!r} for {arch}. Known tags: "
+            f"{open_clip.list_pretrained_tags_by_model(arch)}."
+        )
     path = _cached_weights(cfg, cache_dir)
     if path is None:
         host = _weights_host(cfg)
         if not _reachable(host):
             raise WeightsUnavailableError(
                 f"Weights for {spec} are not cached and {host} is unreachable. "
-                + HOW_TO_GET_WEIGHTS.format(arch=arch))
+                + HOW_TO_GET_WEIGHTS.format(arch=arch)
+            )
         path = Path(open_clip.download_pretrained(cfg, cache_dir=cache_dir))
-    return _from_checkpoint(arch, path, spec, device, precision, quick_gelu=bool(cfg.get("quick_gelu")),
-                            mean=cfg.get("mean"), std=cfg.get("std"))
+    return _from_checkpoint(
+        arch,
+        path,
+        spec,
+        device,
+        precision,
+        quick_gelu=bool(cfg.get("quick_gelu")),
+        mean=cfg.get("mean"),
+        std=cfg.get("std"),
+    )
 
 
 def _cached_weights(cfg: dict, cache_dir: str | None) -> Path | None:
@@ -286,7 +342,9 @@ def _cached_weights(cfg: dict, cache_dir: str | None) -> Path | None:
 
 
 def _weights_host(cfg: dict) -> str:
-    return "huggingface.co" if cfg.get("hf_hub") else (urlparse(cfg.get("url", "")).hostname or "huggingface.co")
+    return (
+        "huggingface.co" if cfg.get("hf_hub") else (urlparse(cfg.get("url", "")).hostname or "huggingface.co")
+    )
 
 
 def _reachable(host: str, timeout: float = 3.0) -> bool:

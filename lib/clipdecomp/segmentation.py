@@ -33,6 +33,7 @@ forward hooks (the modules :mod:`clipdecomp.towers` names) that replace what eac
 by the same value recomputed explicitly from the layer's input and parameters, so the probabilities are
 part of the autograd graph; its output equals ``model.encode_image`` (a test checks it to 1e-5).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -47,8 +48,20 @@ from .loading import ClipBundle
 from .seg_metrics import normalise
 from .towers import attention, vision_tower
 
-__all__ = ["METHODS", "PASS_BYTES", "Trace", "chefer", "decomposition", "gradcam", "predict", "raw_attention",
-           "rollout", "segment", "to_pixels", "trace_vision"]
+__all__ = [
+    "METHODS",
+    "PASS_BYTES",
+    "Trace",
+    "chefer",
+    "decomposition",
+    "gradcam",
+    "predict",
+    "raw_attention",
+    "rollout",
+    "segment",
+    "to_pixels",
+    "trace_vision",
+]
 
 PASS_BYTES = 1 << 30
 """Memory budget of one spatial-decomposition pass in :func:`decomposition` (fp32 bytes of its terms)."""
@@ -92,8 +105,9 @@ def _clip_model(model: nn.Module | ClipBundle) -> nn.Module:
 def _check_classifier(classifier: torch.Tensor, width: int) -> None:
     if not isinstance(classifier, torch.Tensor) or classifier.ndim != 2 or classifier.shape[0] != width:
         shape = list(classifier.shape) if isinstance(classifier, torch.Tensor) else type(classifier).__name__
-        raise ValueError(f"classifier must be [d'={width}, classes] (e.g. clipdecomp.zero_shot_classifier), "
-                         f"got {shape}.")
+        raise ValueError(
+            f"classifier must be [d'={width}, classes] (e.g. clipdecomp.zero_shot_classifier), got {shape}."
+        )
 
 
 def trace_vision(model: nn.Module | ClipBundle, images: torch.Tensor) -> Trace:
@@ -115,6 +129,7 @@ def trace_vision(model: nn.Module | ClipBundle, images: torch.Tensor) -> Trace:
             mixed, probs = attention(weights, inputs[index])
             attentions.append(probs)
             return weights.write(mixed)
+
         return hook
 
     def recompute_pool(module, args, out):
@@ -124,19 +139,30 @@ def trace_vision(model: nn.Module | ClipBundle, images: torch.Tensor) -> Trace:
         return (written, *out[1:]) if isinstance(out, tuple) else written
 
     pooled: list[torch.Tensor] = []
-    hooks = [h for i, block in enumerate(tower.blocks)
-             for h in (block.attn_input.register_forward_hook(keep_input(i)),
-                       block.attn_write.register_forward_hook(recompute(i)))]
+    hooks = [
+        h
+        for i, block in enumerate(tower.blocks)
+        for h in (
+            block.attn_input.register_forward_hook(keep_input(i)),
+            block.attn_write.register_forward_hook(recompute(i)),
+        )
+    ]
     if tower.pool is not None:
-        hooks += [tower.final_norm.register_forward_hook(keep_input("pool")),
-                  tower.pool.attn_write.register_forward_hook(recompute_pool)]
+        hooks += [
+            tower.final_norm.register_forward_hook(keep_input("pool")),
+            tower.pool.attn_write.register_forward_hook(recompute_pool),
+        ]
     try:
         features = tower.features(images)
     finally:
         for hook in hooks:
             hook.remove()
-    return Trace(features=features, attentions=attentions, last_input=inputs[tower.n_layers - 1],
-                 pool_attention=pooled[0] if pooled else None)
+    return Trace(
+        features=features,
+        attentions=attentions,
+        last_input=inputs[tower.n_layers - 1],
+        pool_attention=pooled[0] if pooled else None,
+    )
 
 
 def _logits(features: torch.Tensor, classifier: torch.Tensor, model: nn.Module) -> torch.Tensor:
@@ -157,11 +183,17 @@ def predict(model: nn.Module | ClipBundle, images: torch.Tensor, classifier: tor
 def to_pixels(scores: torch.Tensor, grid_size: Sequence[int], size: Sequence[int]) -> torch.Tensor:
     """[B, patches] scores -> [B, H, W] map: grid, bilinear upsampling, clip < 0, min-max per image."""
     grid = scores.float().reshape(scores.shape[0], 1, *grid_size)
-    return normalise(F.interpolate(grid, size=tuple(size), mode="bilinear", align_corners=False)[:, 0].clamp_min(0))
+    return normalise(
+        F.interpolate(grid, size=tuple(size), mode="bilinear", align_corners=False)[:, 0].clamp_min(0)
+    )
 
 
-def decomposition(model: nn.Module | ClipBundle, images: torch.Tensor, classifier: torch.Tensor,
-                  layers_per_pass: int | None = None) -> torch.Tensor:
+def decomposition(
+    model: nn.Module | ClipBundle,
+    images: torch.Tensor,
+    classifier: torch.Tensor,
+    layers_per_pass: int | None = None,
+) -> torch.Tensor:
     """The paper's map: patch direct effects on the predicted class minus the mean class ([B, H, W]).
 
     ``layers_per_pass`` bounds memory on large models: the spatial decomposition ([B, layers, N, H, d'])
@@ -174,38 +206,45 @@ def decomposition(model: nn.Module | ClipBundle, images: torch.Tensor, classifie
     n_layers = tower.n_layers
     per_layer = images.shape[0] * tower.n_tokens * tower.n_heads * tower.output_dim * 4
     step = layers_per_pass or max(1, min(n_layers, PASS_BYTES // per_layer))
-    contrast = classifier.float() - classifier.float().mean(1, keepdim=True)     # class minus the mean class
+    contrast = classifier.float() - classifier.float().mean(1, keepdim=True)  # class minus the mean class
     scores, directions = 0.0, None
     for start in range(0, n_layers, step):
         parts = decompose(clip, images, spatial=True, layers=range(start, min(start + step, n_layers)))
         if directions is None:
-            directions = contrast.to(parts.heads.device)[:, (parts.total() @ classifier.to(parts.heads)).argmax(-1)].T
-        patches = parts.heads[:, :, 1:].sum((1, 3))                              # [B, N-1, d'], CLS key dropped
+            directions = contrast.to(parts.heads.device)[
+                :, (parts.total() @ classifier.to(parts.heads)).argmax(-1)
+            ].T
+        patches = parts.heads[:, :, 1:].sum((1, 3))  # [B, N-1, d'], CLS key dropped
         scores = scores + torch.einsum("bnd,bd->bn", patches, directions)
     return to_pixels(scores, tower.grid_size, images.shape[-2:])
 
 
 @torch.no_grad()
-def raw_attention(model: nn.Module | ClipBundle, images: torch.Tensor,
-                  classifier: torch.Tensor | None = None) -> torch.Tensor:
+def raw_attention(
+    model: nn.Module | ClipBundle, images: torch.Tensor, classifier: torch.Tensor | None = None
+) -> torch.Tensor:
     """Last layer's CLS-to-patch attention, heads averaged ([B, H, W]); ``classifier`` is not used."""
     trace = trace_vision(model, images)
     identity = torch.eye(trace.last_input.shape[1], device=trace.last_input.device)
-    scores = trace.readout_row(identity) if trace.pool_attention is not None else \
-        trace.readout_row(trace.attentions[-1].float().mean(1))
+    scores = (
+        trace.readout_row(identity)
+        if trace.pool_attention is not None
+        else trace.readout_row(trace.attentions[-1].float().mean(1))
+    )
     return to_pixels(scores, vision_tower(model).grid_size, images.shape[-2:])
 
 
 @torch.no_grad()
-def rollout(model: nn.Module | ClipBundle, images: torch.Tensor,
-            classifier: torch.Tensor | None = None) -> torch.Tensor:
+def rollout(
+    model: nn.Module | ClipBundle, images: torch.Tensor, classifier: torch.Tensor | None = None
+) -> torch.Tensor:
     """Attention rollout over all layers, CLS row ([B, H, W]); ``classifier`` is not used."""
     trace = trace_vision(model, images)
     attentions = trace.attentions
     eye = torch.eye(attentions[0].shape[-1], device=attentions[0].device)
     joint = eye
     for probs in attentions:
-        mixed = probs.float().mean(1) + eye                                      # the residual keeps the token
+        mixed = probs.float().mean(1) + eye  # the residual keeps the token
         joint = (mixed / mixed.sum(-1, keepdim=True)) @ joint
     return to_pixels(trace.readout_row(joint), vision_tower(model).grid_size, images.shape[-2:])
 
@@ -223,10 +262,10 @@ def gradcam(model: nn.Module | ClipBundle, images: torch.Tensor, classifier: tor
     _check_classifier(classifier, tower.output_dim)
     with torch.enable_grad():
         trace = trace_vision(clip, images.detach().requires_grad_())  # a graph even if weights are frozen
-        grad, = torch.autograd.grad(_predicted_logit(clip, trace, classifier), trace.last_input)
-    patches = slice(1, None) if tower.has_cls else slice(None)                   # the CLS token has no place
+        (grad,) = torch.autograd.grad(_predicted_logit(clip, trace, classifier), trace.last_input)
+    patches = slice(1, None) if tower.has_cls else slice(None)  # the CLS token has no place
     tokens, grad = trace.last_input.detach().float()[:, patches], grad.float()[:, patches]
-    weights = grad.mean(1, keepdim=True)                                        # [B, 1, W] per-channel weight
+    weights = grad.mean(1, keepdim=True)  # [B, 1, W] per-channel weight
     cam = (tokens * weights).sum(-1).clamp_min(0)
     return to_pixels(cam, tower.grid_size, images.shape[-2:])
 
@@ -240,9 +279,11 @@ def chefer(model: nn.Module | ClipBundle, images: torch.Tensor, classifier: torc
         trace = trace_vision(clip, images.detach().requires_grad_())
         pool = [trace.pool_attention] if trace.pool_attention is not None else []
         grads = torch.autograd.grad(_predicted_logit(clip, trace, classifier), trace.attentions + pool)
-    relevance = torch.eye(trace.attentions[0].shape[-1], device=grads[0].device).expand(images.shape[0], -1, -1)
+    relevance = torch.eye(trace.attentions[0].shape[-1], device=grads[0].device).expand(
+        images.shape[0], -1, -1
+    )
     for probs, grad in zip(trace.attentions, grads):
-        weighted = (grad.float() * probs.detach().float()).clamp_min(0).mean(1)   # [B, N, N]
+        weighted = (grad.float() * probs.detach().float()).clamp_min(0).mean(1)  # [B, N, N]
         relevance = relevance + weighted @ relevance
     pool_row = (grads[-1].float() * pool[0].detach().float()).clamp_min(0).mean(1)[:, 0] if pool else None
     return to_pixels(trace.readout_row(relevance, pool_row), tower.grid_size, images.shape[-2:])
@@ -258,13 +299,19 @@ METHODS: dict[str, Method] = {
 """Display name -> method, in the order of the comparison tables."""
 
 
-def segment(method: Method | str, model: nn.Module | ClipBundle, images: torch.Tensor, classifier: torch.Tensor,
-            batch_size: int = 32) -> torch.Tensor:
+def segment(
+    method: Method | str,
+    model: nn.Module | ClipBundle,
+    images: torch.Tensor,
+    classifier: torch.Tensor,
+    batch_size: int = 32,
+) -> torch.Tensor:
     """Apply one method (a function or a :data:`METHODS` name) to a large batch; maps [n, H, W] on the CPU."""
     if isinstance(method, str):
         if method not in METHODS:
             raise KeyError(f"Unknown method {method!r}; choose one of {list(METHODS)}.")
         method = METHODS[method]
     device = vision_tower(model).weight.device
-    return torch.cat([method(model, chunk.to(device), classifier.to(device)).cpu()
-                      for chunk in images.split(batch_size)])
+    return torch.cat(
+        [method(model, chunk.to(device), classifier.to(device)).cpu() for chunk in images.split(batch_size)]
+    )
