@@ -571,3 +571,27 @@ def test_twins_refuse_what_transformers_cannot_hold():
                 )
             )
         )
+
+
+@torch.no_grad()
+def test_full_clip_model_and_vision_model_without_projection(clip_pair, images):
+    _, twin = clip_pair
+    text = transformers.CLIPTextConfig(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64
+    )
+    full = transformers.CLIPModel(
+        transformers.CLIPConfig(
+            text_config=text.to_dict(), vision_config=twin.config.to_dict(), projection_dim=24
+        )
+    ).eval()
+    full.vision_model.load_state_dict(twin.vision_model.state_dict())
+    full.visual_projection.load_state_dict(twin.visual_projection.state_dict())
+    torch.testing.assert_close(
+        full.get_image_features(pixel_values=images).pooler_output, twin(images).image_embeds
+    )
+    assert_same_terms(clipdecomp.decompose(full, images), clipdecomp.decompose(twin, images))
+    bare = twin.vision_model  # CLIPVisionModel: no projection, the decomposition is of pooler_output
+    parts = clipdecomp.decompose(bare, images, spatial=True)
+    expected = F.normalize(bare(pixel_values=images).pooler_output, dim=-1)
+    assert parts.total().shape == (3, 64)
+    torch.testing.assert_close(parts.total(), expected, atol=1e-5, rtol=0)
