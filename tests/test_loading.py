@@ -93,3 +93,10 @@ def test_corrupt_truncated_and_pickled_checkpoints_refused(tmp_path):
         clipdecomp.load("ViT-B-32", checkpoint=pickled)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         clipdecomp.load("ViT-B-32", checkpoint=tmp_path / "missing.pt")
+
+
+def test_unknown_precision_is_refused_before_loading():
+    import clipdecomp
+
+    with pytest.raises(ValueError, match="precision must be one of fp32, fp16"):
+        clipdecomp.load("toy", precision="fp33")

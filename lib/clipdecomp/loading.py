@@ -46,7 +46,7 @@ from PIL import Image
 
 from .paths import data_dir
 
-__all__ = ["ClipBundle", "load", "toy_model_dir", "WeightsUnavailableError", "file_sha256"]
+__all__ = ["ClipBundle", "PRECISIONS", "load", "toy_model_dir", "WeightsUnavailableError", "file_sha256"]
 
 HOW_TO_GET_WEIGHTS = (
     "Pretrained CLIP weights are downloaded by open_clip from the Hugging Face Hub, which this machine "
@@ -139,6 +139,10 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+PRECISIONS = ("fp32", "fp16", "bf16", "amp", "amp_bf16", "pure_fp16", "pure_bf16")
+"""The precision names ``open_clip.create_model`` accepts."""
+
+
 def load(
     spec: str,
     device: str | torch.device = "cpu",
@@ -155,6 +159,8 @@ def load(
         torch.Size([1, 512])
     """
     device = torch.device(device)
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}.")
     if not isinstance(spec, str) or not spec.strip():
         raise ValueError(f"Model spec must be a non-empty string such as 'toy' or 'ViT-B-16', got {spec!r}.")
     spec = spec.strip()
