@@ -193,3 +193,25 @@ def test_invariants_on_the_shipped_toy_model():
     parts = check_invariants(bundle.model, images)
     spatial = clipdecomp.decompose(bundle, images, spatial=True)
     torch.testing.assert_close(spatial.heads.sum(2), parts.heads, atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
+def test_preallocated_per_patch_terms_equal_the_general_path(monkeypatch):
+    """The per-patch path that writes each layer into one preallocated result (per-image scale folded
+    into the values) gives the terms of the general path that builds each layer and stacks them."""
+    from clipdecomp.decomposition import _LayerReader
+
+    model = tiny_clip(ls_init_value=0.5)
+    images = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    fast = [clipdecomp.decompose(model, images, spatial=True, layers=layers) for layers in (None, [0, 2])]
+    monkeypatch.setattr(
+        _LayerReader,
+        "write_patch_terms",
+        lambda self, readout, share, out: out.copy_(self.head_terms(readout, share)),
+    )
+    general = [clipdecomp.decompose(model, images, spatial=True, layers=layers) for layers in (None, [0, 2])]
+    for new, old in zip(fast, general):
+        assert new.heads.shape == old.heads.shape and new.heads.is_contiguous()
+        torch.testing.assert_close(new.heads, old.heads, atol=1e-7, rtol=1e-5)
+    reference, _ = reference_heads(model, images)  # and both are the paper's formula
+    torch.testing.assert_close(fast[0].heads, reference, atol=2e-6, rtol=1e-4)

@@ -244,14 +244,22 @@ def decompose(model: nn.Module | ClipBundle, images: torch.Tensor, spatial: bool
         cls_to_cls = torch.stack([readers[i].cls_term(readout, share) for i in range(n_layers)], 1)
     else:
         cls_to_cls = attns.new_zeros(attns.shape[:2] + (n_heads, attns.shape[-1]))
-    heads = [readers[i].head_terms(readout, share) for i in head_layers]
-    if not tower.has_cls and spatial:  # the zero slot where other towers have their CLS token
-        heads = [F.pad(h, (0, 0, 0, 0, 1, 0)) for h in heads]
     n_tokens = tower.grid_size[0] * tower.grid_size[1] + 1
-    empty = (images.shape[0], 0) + ((n_tokens,) if spatial else ()) + (n_heads, attns.shape[-1])
+    if spatial:  # the largest result, taken after the forward pass has freed its activations
+        heads = attns.new_empty((images.shape[0], len(head_layers), n_tokens, n_heads, attns.shape[-1]))
+        first = 0 if tower.has_cls else 1  # towers without a CLS token: token 0 stays an all-zero slot
+        heads[:, :, :first] = 0
+        for slot, i in enumerate(head_layers):
+            readers[i].write_patch_terms(readout, share, heads[:, slot, first:])  # never stacked copies
+    else:
+        per_layer = [readers[i].head_terms(readout, share) for i in head_layers]
+        heads = (
+            torch.stack(per_layer, 1)
+            if per_layer
+            else attns.new_zeros((images.shape[0], 0, n_heads, attns.shape[-1]))
+        )
     return Decomposition(
-        embedding=piece("embed"), attns=attns, mlps=mlps,
-        heads=torch.stack(heads, 1) if heads else attns.new_zeros(empty), cls_to_cls=cls_to_cls,
+        embedding=piece("embed"), attns=attns, mlps=mlps, heads=heads, cls_to_cls=cls_to_cls,
         norm=readout.norm, head_layers=head_layers, grid_size=tower.grid_size, spatial=spatial,
         readout=tower.readout, pool_heads=readout.pool_heads, pool_mlp=readout.pool_mlp)
 
@@ -290,8 +298,8 @@ def _capture(tower: Tower, images: torch.Tensor,
     rows = slice(0, 1) if tower.has_cls else slice(None)
     captured: dict[str, torch.Tensor] = {}
 
-    def keep(name: str):
-        return lambda module, args, out: captured.__setitem__(name, out[:, rows].float())
+    def keep(name: str):  # a copy of the read rows, so the block's whole output [B, N, W] can be freed
+        return lambda module, args, out: captured.__setitem__(name, out[:, rows].float().contiguous())
 
     hooks = [tower.embed.register_forward_hook(keep("embed")),
              tower.final_norm.register_forward_hook(lambda m, args, out: captured.__setitem__("final", args[0].float()))]
@@ -538,6 +546,32 @@ class _LayerReader:
         x = torch.einsum("bnhd,hdpe->bnhpe", self.values, out_map) * weight[..., None]
         bias = readout.omega_sum[:, None, None, :, None] * bias_raw / (n_tokens * n_heads)
         return readout.finish(x + bias, share / (n_tokens * n_heads))
+
+    def write_patch_terms(self, readout: _Readout, share: float, out: torch.Tensor) -> None:
+        """Write the spatial :meth:`head_terms` [B, N, H, d'] into ``out`` without result-sized temporaries.
+
+        For a CLS readout a term is ``alpha_i / (sigma ||y||) * v_i W_O^h (gamma * proj) + c``: the
+        per-image scale is folded into the values ([B, N, H, Dh], small), each head's values are
+        multiplied by its output map into ``out``, and the part ``c`` that is the same for every token
+        and head (output bias share, frozen mean, beta) is added in place. Attention pools weigh each
+        source once per pool head, so they compute :meth:`head_terms` and copy it.
+        """
+        if readout.out is not None:
+            out.copy_(self.head_terms(readout, share))
+            return
+        out_map, bias_raw = _output_maps(self.block, self.weights, readout)  # [H, Dh, 1, d'], [1, d']
+        n_tokens, n_heads = self.values.shape[1], self.weights.n_heads
+        per_image = readout.omega[:, 0, 0] / readout.norm  # 1 / (sigma ||y||)
+        scale = self.probs[:, :, 0].transpose(1, 2) * per_image[:, None, None]  # [B, N, H]
+        scaled = self.values * scale[..., None]  # [B, N, H, Dh]
+        for h in range(n_heads):  # a [B, N, d'] temporary per head, not per layer
+            out[:, :, h] = scaled[:, :, h] @ out_map[h, :, 0]
+        piece_share = share / (n_tokens * n_heads)
+        constant = (
+            readout.omega_sum[:, :1] * bias_raw / (n_tokens * n_heads)
+            - piece_share * (readout.omega_mu[:, :1] * readout.g - readout.beta_v)
+        ) / readout.norm[:, None]  # [B, d']
+        out += constant[:, None, None]
 
     def cls_term(self, readout: _Readout, share: float) -> torch.Tensor:
         """[B, H, d'] the CLS-to-CLS part of each head (token 0 of the spatial decomposition)."""
