@@ -76,8 +76,7 @@ Example:
     (40, 4, 4, 64)
     >>> cache.mean("heads").shape                           # fp32 means, for mean-ablation
     (4, 4, 64)
-    >>> cache = cache.verify()                              # re-hash every file (CorruptCacheError if
-    damaged)
+    >>> cache = cache.verify()                              # re-hash every file: CorruptCacheError if damaged
 """
 
 from __future__ import annotations
