@@ -1,12 +1,13 @@
 """The decomposition sums back to encode_image, and each term matches an independent calculation."""
+
 from __future__ import annotations
 
+import clipdecomp
 import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
 
-import clipdecomp
 from conftest import tiny_clip
 
 
@@ -29,11 +30,11 @@ def reference_heads(model: torch.nn.Module, images: torch.Tensor) -> tuple[torch
         _, weights = attn(u, u, u, need_weights=True, average_attn_weights=False)  # [B, H, N, N]
         n_heads, width = attn.num_heads, attn.embed_dim
         head_dim = width // n_heads
-        w_v, b_v = attn.in_proj_weight[2 * width:], attn.in_proj_bias[2 * width:]
-        values = (u @ w_v.T + b_v).view(*u.shape[:2], n_heads, head_dim)          # [B, N, H, Dh]
+        w_v, b_v = attn.in_proj_weight[2 * width :], attn.in_proj_bias[2 * width :]
+        values = (u @ w_v.T + b_v).view(*u.shape[:2], n_heads, head_dim)  # [B, N, H, Dh]
         per_layer = torch.zeros(u.shape[0], u.shape[1], n_heads, width)
         for h in range(n_heads):
-            w_o = attn.out_proj.weight[:, h * head_dim:(h + 1) * head_dim]           # [W, Dh]
+            w_o = attn.out_proj.weight[:, h * head_dim : (h + 1) * head_dim]  # [W, Dh]
             for i in range(u.shape[1]):
                 term = weights[:, h, 0, i, None] * (values[:, i, h] @ w_o.T)
                 per_layer[:, i, h] = block.ls_1(term + attn.out_proj.bias / (u.shape[1] * n_heads))
@@ -41,13 +42,19 @@ def reference_heads(model: torch.nn.Module, images: torch.Tensor) -> tuple[torch
         x = x + block.ls_1(attn(u, u, u, need_weights=False)[0])
         x = x + block.ls_2(block.mlp(block.ln_2(x)))
     r = x[:, 0]
-    mu, sigma = r.mean(-1, keepdim=True), torch.sqrt(r.var(-1, unbiased=False, keepdim=True) + visual.ln_post.eps)
+    mu, sigma = (
+        r.mean(-1, keepdim=True),
+        torch.sqrt(r.var(-1, unbiased=False, keepdim=True) + visual.ln_post.eps),
+    )
     y = visual.ln_post(r) @ visual.proj
     n_layers, n_tokens = len(pieces), pieces[0].shape[1]
     share = 1 / ((2 * n_layers + 1) * n_tokens * pieces[0].shape[2])
     out = []
     for piece in pieces:
-        ln = visual.ln_post.weight * (piece - share * mu[:, None, None]) / sigma[:, None, None] + share * visual.ln_post.bias
+        ln = (
+            visual.ln_post.weight * (piece - share * mu[:, None, None]) / sigma[:, None, None]
+            + share * visual.ln_post.bias
+        )
         out.append(ln @ visual.proj / y.norm(dim=-1)[:, None, None, None])
     return torch.stack(out, 1), F.normalize(y, dim=-1)
 
@@ -60,7 +67,9 @@ def check_invariants(model, images, atol=1e-5):
     stacked, labels = parts.stack("head")
     assert len(labels) == stacked.shape[1] == len(set(labels))
     torch.testing.assert_close(stacked.sum(1), expected, atol=atol, rtol=0)
-    torch.testing.assert_close(parts.norm, model.encode_image(images).float().norm(dim=-1), atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(
+        parts.norm, model.encode_image(images).float().norm(dim=-1), atol=1e-4, rtol=1e-5
+    )
     return parts
 
 
@@ -81,9 +90,13 @@ def test_layer_level_shares_match_formula():
     model = tiny_clip()
     images = torch.randn(2, 3, 32, 32)
     visual, captured = model.visual, {}
-    hooks = [visual.ln_pre.register_forward_hook(lambda m, i, o: captured.update(z0=o[:, 0])),
-             visual.ln_post.register_forward_hook(lambda m, i, o: captured.update(r=i[0][:, 0])),
-             visual.transformer.resblocks[1].ls_2.register_forward_hook(lambda m, i, o: captured.update(m1=o[:, 0]))]
+    hooks = [
+        visual.ln_pre.register_forward_hook(lambda m, i, o: captured.update(z0=o[:, 0])),
+        visual.ln_post.register_forward_hook(lambda m, i, o: captured.update(r=i[0][:, 0])),
+        visual.transformer.resblocks[1].ls_2.register_forward_hook(
+            lambda m, i, o: captured.update(m1=o[:, 0])
+        ),
+    ]
     y = model.encode_image(images)
     for hook in hooks:
         hook.remove()
@@ -91,7 +104,9 @@ def test_layer_level_shares_match_formula():
     mu, sigma = r.mean(-1, keepdim=True), torch.sqrt(r.var(-1, unbiased=False, keepdim=True) + 1e-5)
     ln = visual.ln_post
     for piece, got in ((captured["z0"], "embed"), (captured["m1"], "mlp_1")):
-        expected = (ln.weight * (piece - s * mu) / sigma + s * ln.bias) @ visual.proj / y.norm(dim=-1, keepdim=True)
+        expected = (
+            (ln.weight * (piece - s * mu) / sigma + s * ln.bias) @ visual.proj / y.norm(dim=-1, keepdim=True)
+        )
         torch.testing.assert_close(clipdecomp.decompose(model, images)[got], expected, atol=1e-6, rtol=1e-4)
 
 
@@ -103,7 +118,9 @@ def test_spatial_sums_to_heads_and_stack(vit_b32, images224):
     torch.testing.assert_close(spatial.heads.sum(2), flat.heads[:, 10:], atol=1e-6, rtol=0)
     torch.testing.assert_close(spatial.heads[:, :, 0], flat.cls_to_cls[:, 10:], atol=1e-7, rtol=0)
     patches, labels = spatial.stack("patch")
-    assert patches.shape[1] == len(labels) == 1 + 12 + 10 + 2 * 50 * 12  # embed, MLPs, plain layers, (token, head) pairs
+    assert (
+        patches.shape[1] == len(labels) == 1 + 12 + 10 + 2 * 50 * 12
+    )  # embed, MLPs, plain layers, (token, head) pairs
     torch.testing.assert_close(patches.sum(1), flat.total(), atol=1e-5, rtol=0)
     layer_stack, layer_labels = flat.stack("layer")
     assert layer_labels[:3] == ["embed", "attn_0", "mlp_0"] and layer_stack.shape[1] == 25
@@ -145,12 +162,16 @@ def test_bf16_model_accumulates_in_fp32():
     torch.testing.assert_close(parts.total(), expected, atol=2e-2, rtol=0)
 
 
-@pytest.mark.parametrize("build", [
-    lambda: open_clip.create_model("RN50"),
-    lambda: tiny_clip(pool_type="avg"),
-    lambda: tiny_clip(attentional_pool=True, attn_pooler_queries=4, attn_pooler_heads=2),
-    lambda: tiny_clip(qk_norm=True),
-], ids=["resnet", "avg-pool", "attentional-pool", "custom-block"])
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: open_clip.create_model("RN50"),
+        lambda: tiny_clip(pool_type="avg"),
+        lambda: tiny_clip(attentional_pool=True, attn_pooler_queries=4, attn_pooler_heads=2),
+        lambda: tiny_clip(qk_norm=True),
+    ],
+    ids=["resnet", "avg-pool", "attentional-pool", "custom-block"],
+)
 def test_unsupported_towers_raise(build):
     with pytest.raises(NotImplementedError, match="supported"):
         clipdecomp.decompose(build(), torch.randn(1, 3, 32, 32))

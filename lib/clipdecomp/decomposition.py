@@ -29,6 +29,7 @@ The network runs unmodified (the backend's own forward); forward hooks on the mo
 :mod:`clipdecomp.towers` names read the inputs of each block, and attention probabilities are
 recomputed from each block's own parameters (only the CLS query row for CLS readouts).
 """
+
 from __future__ import annotations
 
 import math
@@ -43,7 +44,7 @@ import torch.nn.functional as F
 
 from .components import parse_label
 from .loading import ClipBundle
-from .towers import AttentionWeights, Block, Pool, Tower, attention, vision_tower
+from .towers import AttentionWeights, Block, Pool, Tower, vision_tower
 
 __all__ = ["Decomposition", "decompose", "decompose_batches", "Granularity", "PoolMLP"]
 
@@ -100,8 +101,11 @@ class Decomposition:
     def cat(parts: Sequence["Decomposition"]) -> "Decomposition":
         """Concatenate decompositions of several batches (same model and options) along the batch axis."""
         first = parts[0]
-        tensors = {f.name: torch.cat([getattr(p, f.name) for p in parts])
-                   for f in fields(first) if isinstance(getattr(first, f.name), torch.Tensor)}
+        tensors = {
+            f.name: torch.cat([getattr(p, f.name) for p in parts])
+            for f in fields(first)
+            if isinstance(getattr(first, f.name), torch.Tensor)
+        }
         return replace(first, **tensors)
 
     def total(self) -> torch.Tensor:
@@ -120,7 +124,9 @@ class Decomposition:
             errors["heads vs their layer"] = (self.head_terms().sum(2) - layers).abs().max().item()
         if self.pool_heads is not None:
             pooled = self.pool_heads.flatten(1, -2).sum(1) + (0 if self.pool_mlp is None else self.pool_mlp)
-            errors["pool heads (+ pool MLP) vs embedding"] = (pooled - embedding.to(self.attns)).abs().max().item()
+            errors["pool heads (+ pool MLP) vs embedding"] = (
+                (pooled - embedding.to(self.attns)).abs().max().item()
+            )
         return errors
 
     def head_terms(self) -> torch.Tensor:
@@ -135,7 +141,9 @@ class Decomposition:
         (token ``i``; 0 is CLS).
         """
         if granularity == "patch" and not self.spatial:
-            raise ValueError("granularity='patch' needs a spatial decomposition: decompose(..., spatial=True).")
+            raise ValueError(
+                "granularity='patch' needs a spatial decomposition: decompose(..., spatial=True)."
+            )
         if granularity not in ("layer", "head", "patch"):
             raise ValueError(f"granularity must be 'layer', 'head' or 'patch', got {granularity!r}.")
         parts, labels = [self.embedding[:, None]], ["embed"]
@@ -149,8 +157,11 @@ class Decomposition:
                     terms = terms.sum(1)
                 n_tokens = terms.shape[1] if granularity == "patch" else 0
                 parts.append(terms.flatten(1, -2))
-                labels += ([f"L{layer}H{h}T{i}" for i in range(n_tokens) for h in range(self.n_heads)]
-                           if granularity == "patch" else [f"L{layer}H{h}" for h in range(self.n_heads)])
+                labels += (
+                    [f"L{layer}H{h}T{i}" for i in range(n_tokens) for h in range(self.n_heads)]
+                    if granularity == "patch"
+                    else [f"L{layer}H{h}" for h in range(self.n_heads)]
+                )
             parts.append(self.mlps[:, layer, None])
             labels.append(f"mlp_{layer}")
         return torch.cat(parts, dim=1), labels
@@ -176,7 +187,9 @@ class Decomposition:
         if c.layer not in self.head_layers:
             raise KeyError(f"{label}: layer {c.layer} has no head detail (head_layers={self.head_layers}).")
         if c.kind == "token" and not self.spatial:
-            raise KeyError(f"{label}: per-token parts need a spatial decomposition: decompose(..., spatial=True).")
+            raise KeyError(
+                f"{label}: per-token parts need a spatial decomposition: decompose(..., spatial=True)."
+            )
         heads = self.heads[:, self.head_layers.index(c.layer)]
         return heads[:, c.token, c.head] if c.kind == "token" else heads[..., c.head, :]
 
@@ -187,7 +200,9 @@ def _check_layers(layers: Iterable[int] | None, n_layers: int) -> tuple[int, ...
     if layers is None:
         return tuple(range(n_layers))
     if isinstance(layers, (str, bytes)) or not isinstance(layers, Iterable):
-        raise TypeError(f"layers must be a list of layer indices such as [9, 10, 11] or range(-4, 0), got {layers!r}.")
+        raise TypeError(
+            f"layers must be a list of layer indices such as [9, 10, 11] or range(-4, 0), got {layers!r}."
+        )
     given = list(layers)
     wrong = [l for l in given if isinstance(l, bool) or not isinstance(l, numbers.Integral)]
     if wrong:
@@ -197,14 +212,21 @@ def _check_layers(layers: Iterable[int] | None, n_layers: int) -> tuple[int, ...
         raise IndexError(f"layers {bad} out of range: the model has {n_layers} layers (0..{n_layers - 1}).")
     chosen = [int(l) % n_layers for l in given]
     if len(set(chosen)) != len(chosen):
-        raise ValueError(f"layers {[int(l) for l in given]} name a layer more than once (negative indices count "
-                         f"from the end of the {n_layers} layers).")
+        raise ValueError(
+            f"layers {[int(l) for l in given]} name a layer more than once (negative indices count "
+            f"from the end of the {n_layers} layers)."
+        )
     return tuple(sorted(chosen))
 
 
 @torch.no_grad()
-def decompose(model: nn.Module | ClipBundle, images: torch.Tensor, spatial: bool = False,
-              layers: Sequence[int] | None = None, pool_mlp: PoolMLP = "direct") -> Decomposition:
+def decompose(
+    model: nn.Module | ClipBundle,
+    images: torch.Tensor,
+    spatial: bool = False,
+    layers: Sequence[int] | None = None,
+    pool_mlp: PoolMLP = "direct",
+) -> Decomposition:
     """Decompose the normalised image embeddings of a preprocessed batch into direct contributions.
 
     Args:
@@ -228,7 +250,9 @@ def decompose(model: nn.Module | ClipBundle, images: torch.Tensor, spatial: bool
     head_layers = _check_layers(layers, tower.n_layers)
     if pool_mlp not in ("direct", "linearised"):
         raise ValueError(f"pool_mlp must be 'direct' or 'linearised', got {pool_mlp!r}.")
-    readers = [_LayerReader(block, tower.has_cls, i in head_layers, spatial) for i, block in enumerate(tower.blocks)]
+    readers = [
+        _LayerReader(block, tower.has_cls, i in head_layers, spatial) for i, block in enumerate(tower.blocks)
+    ]
     captured, features = _capture(tower, images, readers)
     if tower.has_cls:
         readout = _cls_readout(tower, captured["final"], features)
@@ -259,27 +283,50 @@ def decompose(model: nn.Module | ClipBundle, images: torch.Tensor, spatial: bool
             else attns.new_zeros((images.shape[0], 0, n_heads, attns.shape[-1]))
         )
     return Decomposition(
-        embedding=piece("embed"), attns=attns, mlps=mlps, heads=heads, cls_to_cls=cls_to_cls,
-        norm=readout.norm, head_layers=head_layers, grid_size=tower.grid_size, spatial=spatial,
-        readout=tower.readout, pool_heads=readout.pool_heads, pool_mlp=readout.pool_mlp)
+        embedding=piece("embed"),
+        attns=attns,
+        mlps=mlps,
+        heads=heads,
+        cls_to_cls=cls_to_cls,
+        norm=readout.norm,
+        head_layers=head_layers,
+        grid_size=tower.grid_size,
+        spatial=spatial,
+        readout=tower.readout,
+        pool_heads=readout.pool_heads,
+        pool_mlp=readout.pool_mlp,
+    )
 
 
-def decompose_batches(model: nn.Module | ClipBundle, images: torch.Tensor, batch_size: int = 64,
-                      spatial: bool = False, layers: Sequence[int] | None = None,
-                      progress: bool = True) -> Decomposition:
+def decompose_batches(
+    model: nn.Module | ClipBundle,
+    images: torch.Tensor,
+    batch_size: int = 64,
+    spatial: bool = False,
+    layers: Sequence[int] | None = None,
+    progress: bool = True,
+) -> Decomposition:
     """:func:`decompose` a large [n, 3, H, W] tensor in batches (with a progress bar), results on the CPU."""
     from tqdm.auto import tqdm
 
     device = vision_tower(model).weight.device
     chunks = images.split(batch_size)
-    parts = [_to_cpu(decompose(model, chunk.to(device), spatial=spatial, layers=layers))
-             for chunk in tqdm(chunks, desc="decompose", disable=not progress or len(chunks) < 2)]
+    parts = [
+        _to_cpu(decompose(model, chunk.to(device), spatial=spatial, layers=layers))
+        for chunk in tqdm(chunks, desc="decompose", disable=not progress or len(chunks) < 2)
+    ]
     return Decomposition.cat(parts)
 
 
 def _to_cpu(parts: Decomposition) -> Decomposition:
-    return replace(parts, **{f.name: getattr(parts, f.name).cpu() for f in fields(parts)
-                             if isinstance(getattr(parts, f.name), torch.Tensor)})
+    return replace(
+        parts,
+        **{
+            f.name: getattr(parts, f.name).cpu()
+            for f in fields(parts)
+            if isinstance(getattr(parts, f.name), torch.Tensor)
+        },
+    )
 
 
 def _signature(params) -> tuple:
@@ -287,8 +334,9 @@ def _signature(params) -> tuple:
     return tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params if p is not None)
 
 
-def _capture(tower: Tower, images: torch.Tensor,
-             readers: list["_LayerReader"]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+def _capture(
+    tower: Tower, images: torch.Tensor, readers: list["_LayerReader"]
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Run the tower once; keep (fp32) the pieces at the tokens the readout reads, and its features.
 
     ``embed``, ``attn{l}``, ``mlp{l}``: [B, Q, W] what the embedding, attention layer ``l`` and MLP ``l``
@@ -301,11 +349,18 @@ def _capture(tower: Tower, images: torch.Tensor,
     def keep(name: str):  # a copy of the read rows, so the block's whole output [B, N, W] can be freed
         return lambda module, args, out: captured.__setitem__(name, out[:, rows].float().contiguous())
 
-    hooks = [tower.embed.register_forward_hook(keep("embed")),
-             tower.final_norm.register_forward_hook(lambda m, args, out: captured.__setitem__("final", args[0].float()))]
+    hooks = [
+        tower.embed.register_forward_hook(keep("embed")),
+        tower.final_norm.register_forward_hook(
+            lambda m, args, out: captured.__setitem__("final", args[0].float())
+        ),
+    ]
     for i, (block, reader) in enumerate(zip(tower.blocks, readers)):
-        hooks += [block.attn_write.register_forward_hook(keep(f"attn{i}")),
-                  block.mlp_write.register_forward_hook(keep(f"mlp{i}")), *reader.hooks()]
+        hooks += [
+            block.attn_write.register_forward_hook(keep(f"attn{i}")),
+            block.mlp_write.register_forward_hook(keep(f"mlp{i}")),
+            *reader.hooks(),
+        ]
     try:
         features = tower.features(images).float()
     finally:
@@ -329,17 +384,17 @@ class _Readout:
     ``beta_v = beta @ W_V^p`` (``beta @ proj``) carry the frozen LayerNorm's mean and bias.
     """
 
-    omega: torch.Tensor               # [B, P, Q]
-    v_in: torch.Tensor                # [P, W, Dv]
-    g: torch.Tensor                   # [P, Dv]
-    beta_v: torch.Tensor              # [P, Dv]
-    omega_mu: torch.Tensor            # [B, P]
-    norm: torch.Tensor                # [B]
-    signature: tuple                  # what v_in depends on (for the per-block output-map cache)
-    out: torch.Tensor | None = None   # [P, Dv, d'] or [B, P, Dv, d']
+    omega: torch.Tensor  # [B, P, Q]
+    v_in: torch.Tensor  # [P, W, Dv]
+    g: torch.Tensor  # [P, Dv]
+    beta_v: torch.Tensor  # [P, Dv]
+    omega_mu: torch.Tensor  # [B, P]
+    norm: torch.Tensor  # [B]
+    signature: tuple  # what v_in depends on (for the per-block output-map cache)
+    out: torch.Tensor | None = None  # [P, Dv, d'] or [B, P, Dv, d']
     kappa: torch.Tensor | None = None  # [B, d'] per unit of share
-    pool_mlp: torch.Tensor | None = None       # [B, d'] normalised ("direct" convention)
-    pool_heads: torch.Tensor | None = None     # [B, P, d'] or [B, N, P, d'] (zero token-0 slot), normalised
+    pool_mlp: torch.Tensor | None = None  # [B, d'] normalised ("direct" convention)
+    pool_heads: torch.Tensor | None = None  # [B, P, d'] or [B, N, P, d'] (zero token-0 slot), normalised
 
     @property
     def omega_sum(self) -> torch.Tensor:
@@ -350,7 +405,8 @@ class _Readout:
         return torch.einsum("bpw,pwe->bpe", self.omega @ pieces, self.v_in)
 
     def finish(self, x: torch.Tensor, share: float) -> torch.Tensor:
-        """X [B, ..., P, Dv] with share ``share`` -> normalised terms [B, ..., d'] (see the class docstring)."""
+        """X [B, ..., P, Dv] with share ``share`` -> normalised terms [B, ..., d'] (see the class doc)."""
+
         def batch_view(t: torch.Tensor) -> torch.Tensor:  # [B, rest] -> [B, 1, ..., 1, rest]
             return t.view(t.shape[0], *([1] * (x.ndim - 3)), *t.shape[1:])
 
@@ -379,55 +435,83 @@ def _cls_readout(tower: Tower, final: torch.Tensor, features: torch.Tensor) -> _
     resid = final[:, 0] if final.ndim == 3 else final  # towers that normalise every token before pooling
     mu, sigma, gamma, beta = _norm_stats(tower.final_norm, resid)
     proj = tower.proj.to(dtype=torch.float32, device=resid.device)
-    return _Readout(omega=(1 / sigma)[:, None, None], v_in=(gamma[:, None] * proj)[None], g=(gamma @ proj)[None],
-                    beta_v=(beta @ proj)[None], omega_mu=(mu / sigma)[:, None], norm=features.norm(dim=-1),
-                    signature=_signature([*tower.final_norm.parameters(), tower.proj]))
+    return _Readout(
+        omega=(1 / sigma)[:, None, None],
+        v_in=(gamma[:, None] * proj)[None],
+        g=(gamma @ proj)[None],
+        beta_v=(beta @ proj)[None],
+        omega_mu=(mu / sigma)[:, None],
+        norm=features.norm(dim=-1),
+        signature=_signature([*tower.final_norm.parameters(), tower.proj]),
+    )
 
 
-def _map_readout(tower: Tower, final: torch.Tensor, features: torch.Tensor, pool_mlp: PoolMLP,
-                 spatial: bool) -> _Readout:
+def _map_readout(
+    tower: Tower, final: torch.Tensor, features: torch.Tensor, pool_mlp: PoolMLP, spatial: bool
+) -> _Readout:
     pool = tower.pool
-    mu, sigma, gamma, beta = _norm_stats(tower.final_norm, final)             # [B, K] statistics per token
-    u = gamma * (final - mu[..., None]) / sigma[..., None] + beta            # the pool's input [B, K, W]
+    mu, sigma, gamma, beta = _norm_stats(tower.final_norm, final)  # [B, K] statistics per token
+    u = gamma * (final - mu[..., None]) / sigma[..., None] + beta  # the pool's input [B, K, W]
     w = _fp32(pool.weights())
-    query = w.split(pool.probe().float() @ w.q.T + w.q_bias)                 # [P, Dh]: the same for every image
-    folded = torch.einsum("pd,pdw->pw", query, w.k.view(w.n_heads, w.head_dim, -1))  # b_K cancels in the softmax
-    a = (u @ folded.T * w.scale).softmax(1).transpose(1, 2)                  # [B, P, K] pool attention, rows sum to 1
-    values = w.split(u @ w.v.T)                                              # [B, K, P, Dh] (value bias: in c_0)
-    w_v = w.split(w.v.T).permute(1, 0, 2)                                    # [P, W, Dh]
-    out = w.split(w.out).permute(1, 2, 0)                                    # [P, Dh, d']
-    c_0 = w.v_bias @ w.out.T + w.out_bias                                    # what the biases add (sum_i a_i = 1)
-    o = torch.einsum("bpk,bkpe,pef->bf", a, values, out) + c_0               # the pool attention's output
+    query = w.split(pool.probe().float() @ w.q.T + w.q_bias)  # [P, Dh]: the same for every image
+    folded = torch.einsum(
+        "pd,pdw->pw", query, w.k.view(w.n_heads, w.head_dim, -1)
+    )  # b_K cancels in the softmax
+    a = (u @ folded.T * w.scale).softmax(1).transpose(1, 2)  # [B, P, K] pool attention, rows sum to 1
+    values = w.split(u @ w.v.T)  # [B, K, P, Dh] (value bias: in c_0)
+    w_v = w.split(w.v.T).permute(1, 0, 2)  # [P, W, Dh]
+    out = w.split(w.out).permute(1, 2, 0)  # [P, Dh, d']
+    c_0 = w.v_bias @ w.out.T + w.out_bias  # what the biases add (sum_i a_i = 1)
+    o = torch.einsum("bpk,bkpe,pef->bf", a, values, out) + c_0  # the pool attention's output
     kappa = c_0.expand_as(o)
     if pool_mlp == "linearised":
         out, kappa = _linearised(pool, o, out, kappa)
     omega, norm = a / sigma[:, None], features.norm(dim=-1)
-    # the readout's own split: a^p_i u_i W_V^p W_O^p per pool head (and token, when spatial), c_0 shared equally
+    # the readout's own split: a^p_i u_i W_V^p W_O^p per pool head (and token, when spatial), c_0 shared
     if spatial:
-        pool_heads = torch.einsum("bpk,bkpe,pef->bkpf" if out.ndim == 3 else "bpk,bkpe,bpef->bkpf", a, values, out)
+        pool_heads = torch.einsum(
+            "bpk,bkpe,pef->bkpf" if out.ndim == 3 else "bpk,bkpe,bpef->bkpf", a, values, out
+        )
         pool_heads = F.pad(pool_heads + kappa[:, None, None] / (a.shape[1] * a.shape[2]), (0, 0, 0, 0, 1, 0))
     else:
         reached = torch.einsum("bpk,bkpe->bpe", a, values)
         pool_heads = torch.einsum("bpe,pef->bpf" if out.ndim == 3 else "bpe,bpef->bpf", reached, out)
         pool_heads = pool_heads + kappa[:, None] / a.shape[1]
-    return _Readout(omega=omega, v_in=gamma[None, :, None] * w_v, g=torch.einsum("w,pwe->pe", gamma, w_v),
-                    beta_v=torch.einsum("w,pwe->pe", beta, w_v), omega_mu=(omega * mu[:, None]).sum(-1),
-                    norm=norm, signature=_signature([*tower.final_norm.parameters(), *pool.module.parameters()]),
-                    out=out, kappa=kappa, pool_heads=pool_heads / norm.view(-1, *[1] * (pool_heads.ndim - 1)),
-                    pool_mlp=pool.mlp(o) / norm[:, None] if pool_mlp == "direct" else None)
+    return _Readout(
+        omega=omega,
+        v_in=gamma[None, :, None] * w_v,
+        g=torch.einsum("w,pwe->pe", gamma, w_v),
+        beta_v=torch.einsum("w,pwe->pe", beta, w_v),
+        omega_mu=(omega * mu[:, None]).sum(-1),
+        norm=norm,
+        signature=_signature([*tower.final_norm.parameters(), *pool.module.parameters()]),
+        out=out,
+        kappa=kappa,
+        pool_heads=pool_heads / norm.view(-1, *[1] * (pool_heads.ndim - 1)),
+        pool_mlp=pool.mlp(o) / norm[:, None] if pool_mlp == "direct" else None,
+    )
 
 
 def _fp32(weights: AttentionWeights) -> AttentionWeights:
-    return replace(weights, **{f.name: getattr(weights, f.name).float() for f in fields(weights)
-                               if isinstance(getattr(weights, f.name), torch.Tensor)})
+    return replace(
+        weights,
+        **{
+            f.name: getattr(weights, f.name).float()
+            for f in fields(weights)
+            if isinstance(getattr(weights, f.name), torch.Tensor)
+        },
+    )
 
 
-def _linearised(pool: Pool, o: torch.Tensor, out: torch.Tensor, kappa: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _linearised(
+    pool: Pool, o: torch.Tensor, out: torch.Tensor, kappa: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Fold the pool MLP with frozen gates into the pool's output map: ``m = J o + m_0`` (row vectors).
 
-    ``J v = ((v - mean(v)) * gamma_p / sigma_o) @ W_1^T * g @ W_2^T`` and ``m_0 = (g * (beta_p @ W_1^T + b_1)) @
-    W_2^T + b_2`` with ``g = act(h) / h`` from the activation's own formula (not its derivative). Returns
-    the per-image output map ``out + J out`` [B, P, Dh, d'] and constant ``kappa + J kappa + m_0`` [B, d'].
+    ``J v = ((v - mean(v)) * gamma_p / sigma_o) @ W_1^T * g @ W_2^T`` and
+    ``m_0 = (g * (beta_p @ W_1^T + b_1)) @ W_2^T + b_2``, with ``g = act(h) / h`` from the activation's
+    own formula (not its derivative). Returns the per-image output map ``out + J out`` [B, P, Dh, d']
+    and constant ``kappa + J kappa + m_0`` [B, d'].
     """
     gate = _gate(pool.act)
     mu, sigma, gamma, beta = _norm_stats(pool.norm, o)
@@ -435,21 +519,21 @@ def _linearised(pool: Pool, o: torch.Tensor, out: torch.Tensor, kappa: torch.Ten
     b_1 = pool.fc1.bias.to(o) if pool.fc1.bias is not None else torch.zeros(w_1.shape[0]).to(o)
     b_2 = pool.fc2.bias.to(o) if pool.fc2.bias is not None else torch.zeros(w_2.shape[0]).to(o)
     hidden = (gamma * (o - mu[:, None]) / sigma[:, None] + beta) @ w_1.T + b_1
-    g = gate(hidden)                                                          # [B, M]
+    g = gate(hidden)  # [B, M]
 
     def apply_j(v: torch.Tensor) -> torch.Tensor:  # J v for rows v [B, ..., W]: centre, scale, W_1, gate, W_2
         scaled = (v - v.mean(-1, keepdim=True)) * gamma
         mid = (scaled @ w_1.T) * (g / sigma[:, None]).view(g.shape[0], *([1] * (v.ndim - 2)), -1)
         return mid @ w_2.T
 
-    shared = out.expand(o.shape[0], *out.shape)                               # [B, P, Dh, d']
+    shared = out.expand(o.shape[0], *out.shape)  # [B, P, Dh, d']
     m_0 = (g * (beta @ w_1.T + b_1)) @ w_2.T + b_2
     return shared + apply_j(shared), kappa + apply_j(kappa) + m_0
 
 
 _GATES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "erf GELU": lambda h: 0.5 * (1 + torch.erf(h / math.sqrt(2))),
-    "tanh GELU": lambda h: 0.5 * (1 + torch.tanh(math.sqrt(2 / math.pi) * (h + 0.044715 * h ** 3))),
+    "tanh GELU": lambda h: 0.5 * (1 + torch.tanh(math.sqrt(2 / math.pi) * (h + 0.044715 * h**3))),
     "QuickGELU": lambda h: torch.sigmoid(1.702 * h),
 }
 
@@ -460,14 +544,18 @@ def _gate(act: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     for gate in _GATES.values():
         if torch.allclose(act(probe), probe * gate(probe), atol=1e-6, rtol=1e-5):
             return gate
-    raise NotImplementedError(f"pool_mlp='linearised' needs a GELU-family activation ({', '.join(_GATES)}); this "
-                              f"pool's MLP uses {act}. Use pool_mlp='direct'.")
+    raise NotImplementedError(
+        f"pool_mlp='linearised' needs a GELU-family activation ({', '.join(_GATES)}); this "
+        f"pool's MLP uses {act}. Use pool_mlp='direct'."
+    )
 
 
 _OUTPUT_MAPS: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
 
 
-def _output_maps(block: Block, weights: AttentionWeights, readout: _Readout) -> tuple[torch.Tensor, torch.Tensor]:
+def _output_maps(
+    block: Block, weights: AttentionWeights, readout: _Readout
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``out_map`` [H, Dh, P, Dv] and ``bias_raw`` [P, Dv] of a block, cached until the weights change.
 
     ``out_map[h, :, p] = (W_O^h)^T * layer_scale @ v_in[p]`` maps head ``h``'s value to readout head ``p``;
@@ -503,23 +591,28 @@ class _LayerReader:
     def hooks(self) -> list:
         hooks = []
         if self.cls or (self.detail and not self.hook_mixed):
-            hooks.append(self.block.attn_input.register_forward_hook(lambda m, args, out: self.on_input(out.float())))
+            hooks.append(
+                self.block.attn_input.register_forward_hook(lambda m, args, out: self.on_input(out.float()))
+            )
         if self.hook_mixed:
-            hooks.append(self.block.mixed_input.register_forward_hook(
-                lambda m, args, out: setattr(self, "mixed", self.weights.split(args[0].float()))))
+            hooks.append(
+                self.block.mixed_input.register_forward_hook(
+                    lambda m, args, out: setattr(self, "mixed", self.weights.split(args[0].float()))
+                )
+            )
         return hooks
 
     def on_input(self, u: torch.Tensor) -> None:
-        """``u`` [B, N, W]: keep attention rows [B, H, Q, N], values [B, N, H, Dh] and/or mixed [B, Q, H, Dh]."""
+        """``u`` [B, N, W]: keep attention rows [B, H, Q, N], values [B, N, H, Dh], mixed [B, Q, H, Dh]."""
         w = self.weights
         if not self.cls:
             q, k = (w.split(u @ m.T + b).transpose(1, 2) for m, b in ((w.q, w.q_bias), (w.k, w.k_bias)))
-            self.probs = (q @ k.transpose(-1, -2) * w.scale).softmax(-1)           # [B, H, K, K]
-            self.values = w.split(u @ w.v.T + w.v_bias)                          # [B, K, H, Dh]
+            self.probs = (q @ k.transpose(-1, -2) * w.scale).softmax(-1)  # [B, H, K, K]
+            self.values = w.split(u @ w.v.T + w.v_bias)  # [B, K, H, Dh]
             if not self.spatial:
                 self.mixed = torch.einsum("bhqn,bnhd->bqhd", self.probs, self.values)
             return
-        query = w.split(u[:, 0] @ w.q.T + w.q_bias)                              # [B, H, Dh]
+        query = w.split(u[:, 0] @ w.q.T + w.q_bias)  # [B, H, Dh]
         # q . (W_K u_i + b_K) = (W_K^T q) . u_i + const: fold the query into the key weights instead of
         # computing every key (O(N W H) instead of O(N W^2)); the constant cancels in the softmax.
         folded = torch.einsum("bhd,hdw->bhw", query, w.k.view(w.n_heads, w.head_dim, -1))
@@ -527,22 +620,28 @@ class _LayerReader:
         self.probs = alpha[:, :, None]
         self.cls_value = alpha[..., 0, None] * w.split(u[:, 0] @ w.v.T + w.v_bias)  # alpha_00 v_0 [B, H, Dh]
         if self.detail and self.spatial:
-            self.values = w.split(u @ w.v.T + w.v_bias)                         # [B, N, H, Dh]
+            self.values = w.split(u @ w.v.T + w.v_bias)  # [B, N, H, Dh]
         elif self.detail:
-            mixed = torch.einsum("bhn,bnw->bhw", alpha, u)                        # attention-weighted inputs
+            mixed = torch.einsum("bhn,bnw->bhw", alpha, u)  # attention-weighted inputs
             values = torch.einsum("bhw,hdw->bhd", mixed, w.v.view(w.n_heads, w.head_dim, -1))
-            self.mixed = (values + w.v_bias.view(w.n_heads, w.head_dim))[:, None]  # sum(alpha) = 1 carries b_V
+            self.mixed = (values + w.v_bias.view(w.n_heads, w.head_dim))[
+                :, None
+            ]  # sum(alpha) = 1 carries b_V
 
     def head_terms(self, readout: _Readout, share: float) -> torch.Tensor:
         """Normalised per-head terms [B, H, d'], or per (source token, head) [B, N, H, d'] when spatial."""
         out_map, bias_raw = _output_maps(self.block, self.weights, readout)
         n_heads = self.weights.n_heads
         if not self.spatial:
-            reached = torch.einsum("bpq,bqhd->bphd", readout.omega, self.mixed)  # what the readout reads, per head
+            reached = torch.einsum(
+                "bpq,bqhd->bphd", readout.omega, self.mixed
+            )  # what the readout reads, per head
             x = torch.einsum("bphd,hdpe->bhpe", reached, out_map)
-            return readout.finish(x + readout.omega_sum[:, None, :, None] * bias_raw / n_heads, share / n_heads)
+            return readout.finish(
+                x + readout.omega_sum[:, None, :, None] * bias_raw / n_heads, share / n_heads
+            )
         n_tokens = self.values.shape[1]
-        weight = torch.einsum("bpq,bhqn->bnhp", readout.omega, self.probs)     # readout weight of each source
+        weight = torch.einsum("bpq,bhqn->bnhp", readout.omega, self.probs)  # readout weight of each source
         x = torch.einsum("bnhd,hdpe->bnhpe", self.values, out_map) * weight[..., None]
         bias = readout.omega_sum[:, None, None, :, None] * bias_raw / (n_tokens * n_heads)
         return readout.finish(x + bias, share / (n_tokens * n_heads))
