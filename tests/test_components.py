@@ -67,3 +67,17 @@ def test_parse_without_sizes_and_formatting():
     assert str(Component("cls", 2)) == "cls_2" and str(Component("embed")) == "embed"
     with pytest.raises(IndexError, match="0 or more"):
         parse_label("attn_-2")
+
+
+@pytest.mark.parametrize("granularity", ["layer", "head", "patch"])
+def test_attention_pool_labels_round_trip_and_sum(granularity):
+    from test_backends import tiny_timm_siglip
+
+    g = torch.Generator().manual_seed(1)
+    parts = clipdecomp.decompose(tiny_timm_siglip(), torch.randn(2, 3, 32, 32, generator=g), spatial=True)
+    stacked, labels = parts.stack(granularity)
+    assert "pool_mlp" in labels
+    torch.testing.assert_close(stacked.sum(1), parts.total(), atol=1e-5, rtol=0)
+    for k, label in enumerate(labels):
+        part = parts[label]
+        torch.testing.assert_close(part.sum(1) if part.ndim == 3 else part, stacked[:, k], atol=1e-6, rtol=0)

@@ -164,6 +164,9 @@ class Decomposition:
                 )
             parts.append(self.mlps[:, layer, None])
             labels.append(f"mlp_{layer}")
+        if self.pool_mlp is not None:  # an attention pool's MLP, kept as its own component
+            parts.append(self.pool_mlp[:, None])
+            labels.append("pool_mlp")
         return torch.cat(parts, dim=1), labels
 
     def __getitem__(self, label: str) -> torch.Tensor:

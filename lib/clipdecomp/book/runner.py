@@ -59,6 +59,7 @@ CHAPTER_PARAMETERS: dict[str, dict[str, dict[str, object]]] = {
             "seg_path": "$CLIPDECOMP_IMAGENET_SEG",
             "n_images": None,
         },
+        "11_backends": {"clip_spec": "ViT-B-16/openai", "siglip_spec": "ViT-B-16-SigLIP/webli"},
         "10_second_order": {  # the follow-up paper's setting: OpenAI ViT-B-32, layer 9
             "model_spec": "ViT-B-32/openai",
             "dataset": "$CLIPDECOMP_IMAGENET_VAL",
