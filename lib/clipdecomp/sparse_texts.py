@@ -30,8 +30,7 @@ atoms are not unit-norm and OMP's argmax favours long atoms, exactly as in their
     >>> dictionary = text_dictionary(bundle.encode_text(pool))
     >>> directions = torch.randn(8, 64)                  # e.g. neurons' rank-1 directions (SecondOrderStats)
     >>> codes = omp(directions, dictionary, n_atoms=4)
-    >>> len(codes.texts(pool, 7))                        # [(text, coefficient), ...] by decreasing
-    |coefficient|
+    >>> len(codes.texts(pool, 7))   # neuron 7's [(text, coefficient), ...], largest |coefficient| first
     4
 """
 
