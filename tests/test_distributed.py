@@ -296,3 +296,15 @@ def test_a_rank_launched_without_a_process_group_is_refused(tmp_path, monkeypatc
     ):
         DecompositionCache.build(tiny_bundle(), ToyDataset(2, preprocess=PREPROCESS), tmp_path / "c", **BUILD)
     assert not (tmp_path / "c").exists()
+
+
+def test_ranks_with_different_folders_are_refused_before_writing(tmp_path):
+    bundle = tiny_bundle()
+
+    def job(rank: int) -> None:
+        DecompositionCache.build(bundle, ToyDataset(6, preprocess=PREPROCESS), tmp_path / f"c{rank}", **BUILD)
+
+    outcomes = run_ranks(2, job, tmp_path)
+    assert [kind for kind, _ in outcomes] == ["ValueError"] * 2, outcomes
+    assert "give every rank the same folder" in outcomes[0][1]
+    assert not (tmp_path / "c0").exists() and not (tmp_path / "c1").exists()

@@ -1026,6 +1026,13 @@ class DecompositionCache:
                         "must build with the same model (the same seed for random-init specs), dataset "
                         "and arguments."
                     )
+            for rank, folder in enumerate(ranks.gather(os.path.abspath(job.folder))):
+                if folder != os.path.abspath(job.folder):
+                    raise ValueError(
+                        f"Rank {rank} of this job builds into {folder}, rank {ranks.rank} into "
+                        f"{os.path.abspath(job.folder)}: the ranks of a job build one cache, so give every "
+                        "rank the same folder (on a file system all hosts share)."
+                    )
             job.run()
             return cls.open(job.folder, expected_key=job.key)
 
@@ -1353,6 +1360,11 @@ class _Build:
 
     def _compute(self, mine: list[int], progress: "_JobProgress") -> None:
         """Every rank: decompose and write its shards."""
+        if not (self.folder / "manifest.json").is_file():  # rank 0 wrote it before any rank starts
+            raise FileNotFoundError(
+                f"Rank {self.ranks.rank} does not see the cache folder rank 0 prepared ({self.folder} has no "
+                "manifest.json): on several hosts the folder must be on a file system they all share."
+            )
         release = _ReleaseLockInWorker(self.lock) if self.num_workers > 0 and self.lock is not None else None
         if self.streamed:
             self._compute_stream(mine, progress, release)
@@ -1738,16 +1750,8 @@ class _JobProgress:
         self.folder, self.own, self.others, self.read_at = job.folder, 0, 0, 0.0
         shown = job.progress and job.ranks.leads
         if job.streamed:  # images per tar are known only once read: count images, name the shards
-            total, self.start = (
-                None,
-                sum(
-                    job.manifest["shards"][_shard_name(s)]["rows"]
-                    for s in range(job.n_shards)
-                    if s not in todo
-                )
-                if shown
-                else 0,
-            )
+            done = sorted(set(range(job.n_shards)) - set(todo)) if shown else []  # only rank 0 has records
+            total, self.start = None, sum(job.manifest["shards"][_shard_name(s)]["rows"] for s in done)
             what = f"decomposing {len(todo)} of {job.n_shards} shards"
         else:
             total = len(job.selection)
