@@ -13,7 +13,7 @@ A companion library to the executable book reproducing Gandelsman, Efros & Stein
 
 from .ablation import intervene, mean_ablate
 from .cache import DecompositionCache, StaleCacheError
-from .datasets import ImageFolderDataset, ToyDataset, WaterbirdsDataset
+from .datasets import ImageFolderDataset, TarShardDataset, ToyDataset, WaterbirdsDataset
 from .decomposition import Decomposition, decompose, decompose_batches
 from .loading import ClipBundle, WeightsUnavailableError, load
 from .pools import load_pool, random_directions
@@ -30,6 +30,7 @@ __all__ = [
     "Decomposition",
     "DecompositionCache",
     "ImageFolderDataset",
+    "TarShardDataset",
     "StaleCacheError",
     "TextSpanResult",
     "Tower",
