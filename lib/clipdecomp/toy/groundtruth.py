@@ -231,11 +231,11 @@ def text_span_agreement(
     pixels = torch.stack([images.dataset.image(int(i)) for i in images.indices])
     twin_parts = decompose_batches(random_twin(bundle.spec), pixels, layers=parts.head_layers)
     twin = head_scores(twin_parts.head_terms(), attributes, parts.head_layers)
-    rows = {}
+    rows, table = {}, scores.table()
     for label, role in scores.roles(min_score, margin).items():
         texts = spans[label].texts(pool)[:first]
         named = named_attribute(texts)
-        top = scores.table().loc[label]
+        top = table.loc[label]
         rows[label] = {
             "role": role or "—",
             "top score": f"{top.max():.2f} ({top.idxmax()})",
