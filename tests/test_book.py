@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import nbformat
@@ -52,6 +54,21 @@ def test_book_executes_and_builds_strictly(built_book):
     assert broken_internal_links(html) == []
     status = (html / "book" / "status.html").read_text()
     assert "ci</strong> profile" in status and "01_decomposition" in status
+
+
+def test_rerun_gives_the_same_outputs(built_book, capsys):
+    """nbval (not --nbval-lax) re-executes every executed chapter and compares each cell's outputs with
+    the first run's: text, tables, glued values and images; only clipdecomp.book.rerun's named patterns
+    are sanitised."""
+    staging, _, runs = built_book
+    paths = [str(staging / f"{run.entry}.ipynb") for run in runs]
+    command = [sys.executable, "-m", "pytest", "--nbval", "-p", "no:cacheprovider", "-q", "-rf", *paths]
+    rerun = subprocess.run(command, cwd=staging, capture_output=True, text=True)
+    summary = next((line for line in rerun.stdout.splitlines() if line.startswith("nbval rerun:")), None)
+    with capsys.disabled():
+        print(f"\n{summary}")
+    assert rerun.returncode == 0, rerun.stdout[-8000:]
+    assert summary and f"nbval rerun: {len(runs)} notebooks" in summary and " 0 images" not in summary
 
 
 def test_link_check_finds_missing_pages_files_and_anchors(tmp_path):

@@ -98,7 +98,6 @@ from typing import Iterator, Literal, Sequence
 import numpy as np
 import open_clip
 import torch
-from tqdm.auto import tqdm
 
 from .checks import check_choice, check_int, check_texts_list
 from .datasets import DecomposableDataset, ShardedDataset
@@ -106,6 +105,7 @@ from .decomposition import Decomposition, _check_layers, decompose
 from .distributed import OtherRankFailedError, Ranks
 from .distributed import __file__ as _DISTRIBUTED_FILE
 from .loading import ClipBundle, file_sha256
+from .progress import progress_bar
 from .towers import vision_tower
 
 try:
@@ -1758,7 +1758,7 @@ class _JobProgress:
             self.start = total - sum(len(job.rows(s)) for s in todo)
             what = "decomposing"
         ranks = f" on {job.ranks.size} ranks" if job.ranks.size > 1 else ""
-        self.bar = tqdm(total=total, initial=self.start, unit="img", desc=what + ranks, disable=not shown)
+        self.bar = progress_bar(show=shown, total=total, initial=self.start, unit="img", desc=what + ranks)
 
     def __enter__(self) -> "_JobProgress":
         return self

@@ -50,9 +50,9 @@ from typing import IO, Callable, Iterator, Literal, NamedTuple, Protocol, Sequen
 import numpy as np
 import torch
 from PIL import Image
-from tqdm.auto import tqdm
 
 from .checks import check_int, check_texts_list, read_utf8
+from .progress import progress_bar
 
 __all__ = [
     "DecomposableDataset",
@@ -150,7 +150,7 @@ def _check_files(
 ) -> tuple[list[int], list[tuple[str, str]]]:
     """Indices of decodable files and (relative path, reason) of the others; strict -> raise on the first."""
     kept, skipped = [], []
-    for index, rel in enumerate(tqdm(relpaths, desc="checking images", disable=not progress, leave=False)):
+    for index, rel in enumerate(progress_bar(relpaths, show=progress, desc="checking images", leave=False)):
         reason = _decode_error(root / rel)
         if reason is None:
             kept.append(index)

@@ -310,13 +310,13 @@ def decompose_batches(
     progress: bool = True,
 ) -> Decomposition:
     """:func:`decompose` a large [n, 3, H, W] tensor in batches (with a progress bar), results on the CPU."""
-    from tqdm.auto import tqdm
+    from .progress import progress_bar
 
     device = vision_tower(model).weight.device
     chunks = images.split(batch_size)
     parts = [
         _to_cpu(decompose(model, chunk.to(device), spatial=spatial, layers=layers))
-        for chunk in tqdm(chunks, desc="decompose", disable=not progress or len(chunks) < 2)
+        for chunk in progress_bar(chunks, show=progress and len(chunks) > 1, desc="decompose")
     ]
     return Decomposition.cat(parts)
 

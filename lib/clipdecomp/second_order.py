@@ -69,7 +69,6 @@ import open_clip
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from .cache import (
     IncompleteCacheError,
@@ -83,6 +82,7 @@ from .cache import (
 )
 from .decomposition import _signature
 from .loading import ClipBundle
+from .progress import progress_bar
 from .seg_metrics import normalise
 from .sparse_texts import SparseCodes
 from .towers import Block, Tower, vision_tower
@@ -1084,8 +1084,8 @@ class _StatsBuild:
         images = _Images(self.dataset, tuple(vision_tower(self.bundle).image_size))
         sampler = [self.selection[a:b].tolist() for a, b in plan]
         loader = torch.utils.data.DataLoader(images, batch_sampler=sampler, num_workers=num_workers)
-        with tqdm(
-            total=len(self.selection), initial=start, unit="img", desc=desc, disable=not progress
+        with progress_bar(
+            show=progress, total=len(self.selection), initial=start, unit="img", desc=desc
         ) as bar:
             for (a, b), batch in zip(plan, loader):
                 result = second_order(

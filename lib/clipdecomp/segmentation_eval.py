@@ -223,7 +223,7 @@ class Comparison:
 
     def table(self) -> "pd.DataFrame":  # noqa: F821
         """Per method and the reference: pixel acc, mIoU, mAP, fg AP (extra), blank maps (fractions),
-        time (s)."""
+        time (seconds for all images)."""
         import pandas as pd
 
         rows = {}
@@ -235,7 +235,7 @@ class Comparison:
                 "mAP": scores.mean_ap,
                 "fg AP (extra)": scores.mean_ap_foreground,
                 "blank maps": self.blank.get(name, scores.n_images) / scores.n_images,
-                "time (s)": self.seconds.get(name, np.nan),
+                "time": self.seconds.get(name, np.nan),
             }
         return pd.DataFrame(rows).T
 

@@ -40,6 +40,7 @@ from typing import Callable, Mapping, Sequence
 import torch
 
 from .decomposition import Decomposition
+from .progress import progress_bar
 
 __all__ = [
     "TextSpanResult",
@@ -314,11 +315,7 @@ def text_span_heads(
             f"got {type(head_outputs)}."
         )
     texts = _prepare_texts(text_embeddings)
-    items = heads.items()
-    if progress:
-        from tqdm.auto import tqdm
-
-        items = tqdm(items, desc="TEXT SPAN", total=len(heads))
+    items = progress_bar(heads.items(), show=progress, desc="TEXT SPAN", total=len(heads))
     results = {}
     for label, outputs in items:
         _check_inputs(outputs, texts, m, rank)

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from open_clip import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES
 
 from .loading import ClipBundle
+from .progress import progress_shown
 from .toy import world
 
 __all__ = [
@@ -77,7 +78,7 @@ def class_embeddings(
         as_callables,
         num_classes_per_batch=10,
         device=device,
-        use_tqdm=progress,
+        use_tqdm=progress_shown(progress),
     )
     return weights.float()
 

@@ -19,6 +19,7 @@ import yaml
 
 from ..checks import check_texts_list
 from ..paths import repo_root
+from ..progress import progress_off
 from .chapters import add_colab_link
 from .links import broken_internal_links
 from .vendor import vendor
@@ -190,14 +191,15 @@ def execute_notebooks(
         print(f"[{profile}] executing {entry}.ipynb", flush=True)
         start = time.perf_counter()
         try:
-            papermill.execute_notebook(
-                str(path),
-                str(path),
-                parameters=injected,
-                cwd=str(path.parent),
-                kernel_name="python3",
-                progress_bar=False,
-            )
+            with progress_off():  # no frozen bars in the pages; reruns (nbval) give the same outputs
+                papermill.execute_notebook(
+                    str(path),
+                    str(path),
+                    parameters=injected,
+                    cwd=str(path.parent),
+                    kernel_name="python3",
+                    progress_bar=False,
+                )
         except papermill.PapermillExecutionError as error:
             raise RuntimeError(
                 f"{entry}.ipynb failed in cell {error.exec_count}: {error.ename}: {error.evalue}"
