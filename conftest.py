@@ -3,6 +3,9 @@
 Examples may use ``clipdecomp``, ``torch``, ``np``, ``bundle`` (``clipdecomp.load("toy")``), ``images``
 (a preprocessed batch of 4 toy images), ``parts`` (their decomposition with head detail) and ``tmp_path``
 (a fresh folder).
+
+Also loads the nbval rerun plugin (``clipdecomp.book.rerun``, active only under ``--nbval``), so that
+``pytest --nbval _build/src/notebooks`` from the repository root checks a rerun of the book.
 """
 
 from __future__ import annotations
@@ -10,6 +13,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+
+pytest_plugins = ["clipdecomp.book.rerun"]
 
 
 @pytest.fixture(autouse=True)

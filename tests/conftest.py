@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import clipdecomp
@@ -28,6 +30,13 @@ def vit_b32() -> clipdecomp.ClipBundle:
 @pytest.fixture(scope="session")
 def images224() -> torch.Tensor:
     return torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+
+
+def nbval_rerun(notebooks: list[Path], cwd: Path) -> subprocess.CompletedProcess:
+    """``pytest --nbval`` (with clipdecomp.book.rerun) over executed notebooks, in a child process."""
+    command = [sys.executable, "-m", "pytest", "--nbval", "-p", "clipdecomp.book.rerun"]
+    command += ["-p", "no:cacheprovider", "-q", "-rf", *map(str, notebooks)]
+    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=1500)
 
 
 @pytest.fixture(scope="session")

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import nbformat
@@ -12,6 +10,8 @@ import pytest
 from clipdecomp.book import repo_root
 from clipdecomp.book.chapters import SETUP_CELL
 from clipdecomp.book.runner import toc_notebooks
+
+from conftest import nbval_rerun
 
 ROOT = repo_root()
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
@@ -61,9 +61,7 @@ def test_rerun_gives_the_same_outputs(built_book, capsys):
     the first run's: text, tables, glued values and images; only clipdecomp.book.rerun's named patterns
     are sanitised."""
     staging, _, runs = built_book
-    paths = [str(staging / f"{run.entry}.ipynb") for run in runs]
-    command = [sys.executable, "-m", "pytest", "--nbval", "-p", "no:cacheprovider", "-q", "-rf", *paths]
-    rerun = subprocess.run(command, cwd=staging, capture_output=True, text=True)
+    rerun = nbval_rerun([staging / f"{run.entry}.ipynb" for run in runs], cwd=staging)
     summary = next((line for line in rerun.stdout.splitlines() if line.startswith("nbval rerun:")), None)
     with capsys.disabled():
         print(f"\n{summary}")

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import re
 import subprocess
-import sys
 
 import nbformat
 import pytest
 from clipdecomp.book.rerun import SANITIZE_FILE, sanitizers
 from clipdecomp.progress import progress_off
 from nbclient import NotebookClient
+
+from conftest import nbval_rerun
 
 CELLS = {
     "steady": [  # varies only where the sanitiser file allows: an address, a version line, a timing
@@ -43,9 +44,8 @@ def _executed(folder, name: str, sources: list[str]):
 def rerun(tmp_path_factory) -> subprocess.CompletedProcess:
     folder = tmp_path_factory.mktemp("rerun")
     with progress_off():  # as the book runner executes the chapters
-        paths = [str(_executed(folder, name, cells)) for name, cells in CELLS.items()]
-    command = [sys.executable, "-m", "pytest", "--nbval", "-p", "no:cacheprovider", "-q", "-rf", *paths]
-    return subprocess.run(command, cwd=folder, capture_output=True, text=True, timeout=600)
+        paths = [_executed(folder, name, cells) for name, cells in CELLS.items()]
+    return nbval_rerun(paths, cwd=folder)
 
 
 def test_sanitised_outputs_pass_and_are_counted(rerun):

@@ -1,8 +1,9 @@
 """Rerun check: does executing a chapter again give the outputs the book shows?
 
 nbval re-executes an executed notebook cell by cell and compares each cell's new outputs with the
-stored ones (``pytest --nbval _build/src/notebooks``). This pytest plugin, registered by the package
-and active only under ``--nbval``, adds three things to it:
+stored ones (``pytest --nbval _build/src/notebooks``). This pytest plugin, loaded by the repository's
+``conftest.py`` (elsewhere: ``pytest -p clipdecomp.book.rerun --nbval ...``) and active only under
+``--nbval``, adds three things to it:
 
 * the book's one sanitiser file, :data:`SANITIZE_FILE`, unless ``--nbval-sanitize-with`` names another:
   each section names one pattern for output that truly varies between runs (versions, timings, paths);
