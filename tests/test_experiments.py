@@ -36,6 +36,8 @@ def test_spurious_task_on_the_toy_world(toy_bundle, tmp_path):
     assert result.val_scores[len(result.chosen)] == best  # validation decides
     base = task.report(n_boot=20)
     assert result.base.worst_group == base.worst_group == min(base.per_group.values())
+    groups = base.group_table(task.group_names)
+    assert list(groups.index) == task.group_names and groups.iloc[0, 0] == f"{base.per_group[0]:.1%}"
     expected = (task.predictions(task.test) == task.test.y).float().mean().item()
     assert result.base.average == pytest.approx(expected)
     table = result.table()
@@ -123,3 +125,37 @@ def test_text_span_agreement_on_toy_and_none_for_real_images(toy_bundle, fitted,
     root = make_folder(tmp_path / "val", {f"n{i:08d}": ["a.png"] for i in range(1000)})
     real = evaluation_set(toy_bundle, root, 4, seed=0)
     assert groundtruth.text_span_agreement(toy_bundle, real, parts_fit, spans, pool) is None
+
+
+def test_head_cards_rank_heads_by_explained_variance_and_ablate_each(toy_bundle):
+    from clipdecomp import pools, toy
+    from clipdecomp.ablation import mean_ablate
+    from clipdecomp.explorer import HeadCard
+    from clipdecomp.zero_shot import task_accuracies, toy_classifiers
+
+    samples = toy.sample(48, seed=3, split="uniform")
+    parts = clipdecomp.decompose(toy_bundle, toy_bundle.preprocess_batch(samples.images), layers=[-1])
+    pool = pools.load_pool("toy")
+    spans = text_span_heads(parts, toy_bundle.encode_text(pool), m=3)
+    classifiers = toy_classifiers(toy_bundle)
+    cards = HeadCard.best(parts, spans, pool, classifiers, samples.attributes, n=2)
+    explained = {label: float(span.cumulative_explained[-1]) for label, span in spans.items()}
+    assert [c.label for c in cards] == sorted(explained, key=explained.get, reverse=True)[:2]
+    first = cards[0]
+    assert first.texts == spans[first.label].texts(pool)
+    assert first.ablated_accuracy == task_accuracies(
+        mean_ablate(parts, [first.label]), classifiers, samples.attributes
+    )
+
+
+def test_encode_pools_with_and_without_the_random_control(toy_bundle):
+    from clipdecomp.pools import encode_pools, load_pool, random_directions
+
+    texts, embeddings = encode_pools(toy_bundle, ["toy", "random"], control_size="toy")
+    assert texts["toy"] == load_pool("toy") and len(texts["random"]) == len(texts["toy"])
+    torch.testing.assert_close(embeddings["random"], random_directions(len(texts["toy"]), 64, seed=0))
+    assert set(encode_pools(toy_bundle, ["toy"])[0]) == {"toy"}
+    with pytest.raises(ValueError, match="needs control_size"):
+        encode_pools(toy_bundle, ["toy", "random"])
+    with pytest.raises(ValueError, match="must name one of the pools"):
+        encode_pools(toy_bundle, ["toy", "random"], control_size="words")

@@ -106,3 +106,30 @@ def test_cue_and_label_signal_separates_a_cue_head_from_a_label_head():
     labels, with_cue, within = spurious.cue_and_label_signal(parts, direction, label, cue)
     assert with_cue[labels.index("L1H2")] > 0.95 and abs(within[labels.index("L1H2")]) < 0.3
     assert within[labels.index("L2H0")] > 0.95 and abs(with_cue[labels.index("L2H0")]) < 0.3
+
+
+def test_glue_without_myst_nb_displays_or_drops_the_value(monkeypatch, capsys):
+    import sys
+
+    from clipdecomp.notebook import glue
+
+    monkeypatch.setitem(sys.modules, "myst_nb", None)  # as on Colab, where only the library is installed
+    glue("hidden", "42%", display=False)
+    glue("shown", "17%")
+    assert capsys.readouterr().out.strip() == "17%"  # IPython's display, outside a kernel: print
+
+
+def test_repository_is_found_from_an_editable_install_or_a_clone_in_the_working_folder(tmp_path, monkeypatch):
+    from clipdecomp import paths
+
+    assert (paths.repo_root() / "_toc.yml").is_file()  # this checkout (editable install)
+    installed = tmp_path / "site-packages" / "clipdecomp" / "paths.py"
+    monkeypatch.setattr(paths, "__file__", str(installed))  # as if installed from a clone, not editable
+    (tmp_path / "clipdecomp").mkdir()
+    (tmp_path / "clipdecomp" / "_toc.yml").write_text("root: intro\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("CLIPDECOMP_DATA", raising=False)
+    assert paths.repo_root() == tmp_path / "clipdecomp"
+    assert paths.data_dir() == tmp_path / "clipdecomp" / "data"
+    monkeypatch.setenv("CLIPDECOMP_DATA", str(tmp_path / "elsewhere"))
+    assert paths.data_dir() == tmp_path / "elsewhere"

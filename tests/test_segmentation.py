@@ -134,6 +134,28 @@ def test_decomposition_map_is_the_contrastive_patch_score(model, images, classif
     torch.testing.assert_close(chunked, expected, atol=1e-5, rtol=0)
 
 
+def test_decomposition_map_variants_raw_class_and_some_layers(model, images, classifier):
+    """centred=False scores along the raw class embedding; layers=[-1] keeps the last layer's heads."""
+    predicted = segmentation.predict(model, images, classifier)
+
+    def expected(parts, directions):
+        scores = torch.stack(
+            [spatial.patch_scores(parts, directions[:, c])[i] for i, c in enumerate(predicted)]
+        )
+        return segmentation.to_pixels(scores.flatten(1), parts.grid_size, (32, 32))
+
+    everything = clipdecomp.decompose(model, images, spatial=True)
+    raw = segmentation.decomposition(model, images, classifier, centred=False)
+    torch.testing.assert_close(raw, expected(everything, classifier), atol=1e-5, rtol=0)
+    last = clipdecomp.decompose(model, images, spatial=True, layers=[-1])
+    contrast = classifier - classifier.mean(1, keepdim=True)
+    only_last = segmentation.decomposition(model, images, classifier, layers=[-1])
+    torch.testing.assert_close(only_last, expected(last, contrast), atol=1e-5, rtol=0)
+    assert not torch.allclose(only_last, segmentation.decomposition(model, images, classifier), atol=1e-3)
+    with pytest.raises(IndexError, match="out of range"):
+        segmentation.decomposition(model, images, classifier, layers=[7])
+
+
 def test_methods_depend_on_the_image_and_the_class(model, images, classifier):
     for name, method in segmentation.METHODS.items():
         maps = method(model, images, classifier)

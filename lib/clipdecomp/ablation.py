@@ -35,6 +35,7 @@ __all__ = [
     "paper_ablations",
     "ablation_study",
     "cumulative_sweep",
+    "first_drop",
 ]
 
 
@@ -342,3 +343,22 @@ def cumulative_sweep(
             row.update({f"{t} (real)": v for t, v in score(intervene(bundle, batches, components)).items()})
         sweep.append(row)
     return pd.DataFrame(sweep, index=pd.Index(range(parts.n_layers), name="up to layer"))
+
+
+def first_drop(
+    sweep: "pd.DataFrame",  # noqa: F821
+    baseline: dict[str, float],
+    share: float = 0.9,
+) -> dict[str, int | None]:
+    """Per task: the first ``l`` of a :func:`cumulative_sweep` whose cached accuracy is below ``share`` of
+    the task's ``baseline`` accuracy (``None``: never), i.e. how early the task starts to depend on layers.
+
+    >>> import pandas as pd
+    >>> sweep = pd.DataFrame({"shape (cached)": [0.9, 0.85, 0.4], "colour (cached)": [1.0, 1.0, 0.95]})
+    >>> first_drop(sweep, {"shape": 0.9, "colour": 1.0})
+    {'shape': 2, 'colour': None}
+    """
+    return {
+        task: next((int(l) for l in sweep.index if sweep.loc[l, f"{task} (cached)"] < share * value), None)
+        for task, value in baseline.items()
+    }

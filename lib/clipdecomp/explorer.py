@@ -19,9 +19,12 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .ablation import mean_ablate
 from .decomposition import Decomposition
 from .retrieval import nearest
 from .spatial import heatmap
+from .text_span import TextSpanResult
+from .zero_shot import task_accuracies
 
 __all__ = ["HeadCard", "build_explorer"]
 
@@ -33,6 +36,28 @@ class HeadCard:
     label: str
     texts: list[str]
     ablated_accuracy: dict[str, float]
+
+    @classmethod
+    def best(
+        cls,
+        parts: Decomposition,
+        spans: dict[str, TextSpanResult],
+        pool: Sequence[str],
+        classifiers: dict[str, torch.Tensor],
+        attributes: dict[str, np.ndarray],
+        n: int,
+    ) -> list["HeadCard"]:
+        """Cards for the ``n`` heads whose TEXT SPAN texts explain most of their variance, best first:
+        each head's texts, and the zero-shot accuracy of every task with that head mean-ablated."""
+        ranked = sorted(spans, key=lambda label: -float(spans[label].cumulative_explained[-1]))[:n]
+        return [
+            cls(
+                label,
+                spans[label].texts(pool),
+                task_accuracies(mean_ablate(parts, [label]), classifiers, attributes),
+            )
+            for label in ranked
+        ]
 
 
 def _picture(array: np.ndarray, alt: str) -> widgets.HTML:

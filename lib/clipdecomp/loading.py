@@ -30,6 +30,7 @@ Spec forms accepted by :func:`load`:
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import socket
 import threading
@@ -46,7 +47,15 @@ from PIL import Image
 
 from .paths import data_dir
 
-__all__ = ["ClipBundle", "PRECISIONS", "load", "toy_model_dir", "WeightsUnavailableError", "file_sha256"]
+__all__ = [
+    "ClipBundle",
+    "PRECISIONS",
+    "load",
+    "toy_model_dir",
+    "toy_card",
+    "WeightsUnavailableError",
+    "file_sha256",
+]
 
 HOW_TO_GET_WEIGHTS = (
     "Pretrained CLIP weights are downloaded by open_clip from the Hugging Face Hub, which this machine "
@@ -128,6 +137,16 @@ class ClipBundle:
 def toy_model_dir() -> Path:
     """Folder holding the toy model (``$CLIPDECOMP_DATA/toy`` or the repository's ``data/toy``)."""
     return data_dir() / "toy"
+
+
+def toy_card(folder: Path | None = None) -> dict:
+    """The toy model's card (``card.json`` in ``folder``, default :func:`toy_model_dir`): its config,
+    training steps, wall time, learning curve, zero-shot accuracies and targets.
+
+    >>> toy_card()["zero_shot_accuracy"]["colour"] > 0.9
+    True
+    """
+    return json.loads(((folder or toy_model_dir()) / "card.json").read_text(encoding="utf-8"))
 
 
 def file_sha256(path: str | Path) -> str:

@@ -1,4 +1,4 @@
-"""Helpers shared by every chapter's standard setup cell: seeding, device choice, versions, images."""
+"""Helpers shared by every chapter's standard setup cell: seeding, device choice, versions, glue, images."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-__all__ = ["setup", "pick_device", "sample_photo"]
+__all__ = ["setup", "pick_device", "glue", "sample_photo"]
 
 
 def pick_device(device: str = "auto") -> torch.device:
@@ -38,6 +38,23 @@ def setup(seed: int = 0) -> None:
         f"| open_clip {open_clip.__version__} "
         f"| python {platform.python_version()} | {accelerator}"
     )
+
+
+def glue(name: str, value: object, display: bool = True) -> None:
+    """Name a value for the book's prose (myst-nb's ``glue``: ``{glue:text}`name``` quotes it).
+
+    Where myst-nb is not installed (e.g. on Colab, which installs only the library) the value is just
+    displayed, or, with ``display=False``, dropped: only the built book reads glued values.
+    """
+    try:
+        from myst_nb import glue as myst_glue
+    except ImportError:
+        if display:
+            from IPython.display import display as show
+
+            show(value)
+        return
+    myst_glue(name, value, display=display)
 
 
 def sample_photo(name: str = "astronaut") -> Image.Image:

@@ -21,13 +21,17 @@ from __future__ import annotations
 import warnings
 from collections import Counter
 from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 
 from .checks import check_int, read_utf8
 from .paths import data_dir
 
-__all__ = ["POOL_NAMES", "load_pool", "pools_dir", "random_directions"]
+if TYPE_CHECKING:
+    from .loading import ClipBundle
+
+__all__ = ["POOL_NAMES", "load_pool", "pools_dir", "random_directions", "encode_pools"]
 
 POOL_NAMES = ("descriptions", "words", "toy")
 
@@ -94,3 +98,28 @@ def random_directions(n: int, dim: int, seed: int = 0) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     vectors = torch.randn(n, dim, generator=generator, dtype=torch.float64)
     return torch.nn.functional.normalize(vectors, dim=1).float()
+
+
+def encode_pools(
+    bundle: ClipBundle, names: Sequence[str], control_size: str | int | None = None
+) -> tuple[dict[str, list[str]], dict[str, torch.Tensor]]:
+    """The texts and text embeddings of each named pool; ``"random"`` names the control instead.
+
+    The control is :func:`random_directions` (seed 0) standing in for texts, as many as the pool
+    ``control_size`` has (or that number), so TEXT SPAN on it shows what any directions would explain.
+
+    >>> texts, embeddings = encode_pools(bundle, ["toy", "random"], control_size=5)
+    >>> len(texts["toy"]) == len(embeddings["toy"]), embeddings["random"].shape
+    (True, torch.Size([5, 64]))
+    """
+    texts = {name: load_pool(name) for name in names if name != "random"}
+    embeddings = {name: bundle.encode_text(pool) for name, pool in texts.items()}
+    if "random" in names:
+        if isinstance(control_size, str) and control_size not in texts:
+            raise ValueError(f"control_size {control_size!r} must name one of the pools {sorted(texts)}.")
+        n = len(texts[control_size]) if isinstance(control_size, str) else control_size
+        if n is None:
+            raise ValueError("A 'random' control needs control_size: a pool name among names, or a count.")
+        embeddings["random"] = random_directions(n, bundle.embed_dim, seed=0)
+        texts["random"] = [f"random direction {i}" for i in range(n)]
+    return texts, embeddings

@@ -43,7 +43,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .decomposition import decompose
+from .decomposition import _check_layers, decompose
 from .loading import ClipBundle
 from .seg_metrics import normalise
 from .towers import attention, vision_tower
@@ -193,23 +193,30 @@ def decomposition(
     images: torch.Tensor,
     classifier: torch.Tensor,
     layers_per_pass: int | None = None,
+    *,
+    centred: bool = True,
+    layers: Sequence[int] | None = None,
 ) -> torch.Tensor:
     """The paper's map: patch direct effects on the predicted class minus the mean class ([B, H, W]).
 
     ``layers_per_pass`` bounds memory on large models: the spatial decomposition ([B, layers, N, H, d'])
     is computed for that many layers at a time (one forward pass each). ``None`` picks as many layers
-    as keep that tensor under :data:`PASS_BYTES` (all of them for small models).
+    as keep that tensor under :data:`PASS_BYTES` (all of them for small models). Two variants of the
+    paper's choices: ``centred=False`` scores along the raw class embedding (the mean class kept), and
+    ``layers`` (e.g. ``[-2, -1]``) keeps only those layers' heads.
     """
     clip = _clip_model(model)
     tower = vision_tower(clip)
     _check_classifier(classifier, tower.output_dim)
-    n_layers = tower.n_layers
+    chosen = _check_layers(layers, tower.n_layers)
     per_layer = images.shape[0] * tower.n_tokens * tower.n_heads * tower.output_dim * 4
-    step = layers_per_pass or max(1, min(n_layers, PASS_BYTES // per_layer))
-    contrast = classifier.float() - classifier.float().mean(1, keepdim=True)  # class minus the mean class
+    step = layers_per_pass or max(1, min(len(chosen), PASS_BYTES // per_layer))
+    contrast = (
+        classifier.float() - classifier.float().mean(1, keepdim=True) if centred else classifier.float()
+    )
     scores, directions = 0.0, None
-    for start in range(0, n_layers, step):
-        parts = decompose(clip, images, spatial=True, layers=range(start, min(start + step, n_layers)))
+    for start in range(0, len(chosen), step):
+        parts = decompose(clip, images, spatial=True, layers=chosen[start : start + step])
         if directions is None:
             directions = contrast.to(parts.heads.device)[
                 :, (parts.total() @ classifier.to(parts.heads)).argmax(-1)

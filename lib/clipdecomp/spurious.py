@@ -101,6 +101,19 @@ class GroupReport:
             "worst group": fmt(self.worst_group, self.worst_group_ci),
         }
 
+    def group_table(self, group_names: Sequence[str]) -> "pd.DataFrame":  # noqa: F821
+        """One row per group: its accuracy and 95% interval, as percentages."""
+        import pandas as pd
+
+        rows = {
+            group_names[g]: {
+                "accuracy": f"{self.per_group[g]:.1%}",
+                "95% interval": f"[{low:.1%}, {high:.1%}]",
+            }
+            for g, (low, high) in self.per_group_ci.items()
+        }
+        return pd.DataFrame(rows).T
+
 
 def group_report(
     predictions: torch.Tensor, labels: torch.Tensor, groups: torch.Tensor, n_boot: int = 1000, seed: int = 0

@@ -18,18 +18,14 @@ REPOSITORY = "clipdecomp/clipdecomp"
 _CLONE = f"git clone -q --depth 1 -b v{__version__} https://github.com/{REPOSITORY}"
 
 SETUP_CELL = f"""\
-# Standard setup, the same in every chapter. On Colab: install this book's version of clipdecomp.
-# Everywhere: seed Python/NumPy/torch, set the plot style, print the versions in use.
-import os
+# Standard setup (the same in every chapter): on Colab, install this book's clipdecomp; seed; versions.
 import sys
 
-if "google.colab" in sys.modules:
-    if not os.path.isdir("/content/clipdecomp"):
-        !{_CLONE} /content/clipdecomp
-        %pip install --quiet /content/clipdecomp
-    os.environ["CLIPDECOMP_DATA"] = "/content/clipdecomp/data"  # the toy model and text pools
+if "google.colab" in sys.modules:  # the clone in ./clipdecomp is also where the data is found
+    !test -d clipdecomp || {_CLONE}
+    %pip install --quiet ./clipdecomp
 import clipdecomp
-from clipdecomp.notebook import pick_device, setup
+from clipdecomp.notebook import glue, pick_device, setup
 
 setup(seed=0)"""
 

@@ -141,6 +141,20 @@ class ToySamples:
         """The attribute names of sample ``i``, e.g. ``{"shape": "star", ...}``."""
         return {k: ATTRIBUTES[k][int(v[i])] for k, v in self.attributes.items()}
 
+    def crosstab(self, rows: str, columns: str) -> "pd.DataFrame":  # noqa: F821
+        """How often each value of attribute ``columns`` comes with each value of ``rows`` (rows sum to 1).
+
+        >>> share = sample(400, seed=0, split="train").crosstab("label", "place")  # the spurious cue
+        >>> bool(share.loc["round", "cold"] > 0.8), share.sum(axis=1).round(6).tolist()
+        (True, [1.0, 1.0])
+        """
+        import pandas as pd
+
+        names = {a: np.array(ATTRIBUTES[a])[self.attributes[a]] for a in (rows, columns)}
+        return pd.crosstab(
+            names[rows], names[columns], normalize="index", rownames=[rows], colnames=[columns]
+        )
+
 
 def to_tensor(images: np.ndarray) -> "torch.Tensor":  # noqa: F821 (torch is imported lazily)
     """uint8 [n, H, W, 3] -> normalised float [n, 3, H, W], equal to the toy model's open_clip preprocess."""
