@@ -222,7 +222,7 @@ def test_cli_builds_resumes_and_reports_errors(tmp_path, capsys):
         str(tmp_path / "model"),
         "--data",
         "toy:test_groups",
-        "--n",
+        "--n-images",
         "6",
         "--out",
         str(tmp_path / "c"),
