@@ -8,6 +8,7 @@ is exercised here too.
 from __future__ import annotations
 
 import clipdecomp
+import numpy as np
 import pytest
 import torch
 from clipdecomp import spurious
@@ -58,7 +59,10 @@ def test_spurious_task_on_a_waterbirds_folder(toy_bundle, tmp_path):
     )
     task = spurious.spurious_task(toy_bundle, root, last_k=1, cache_dir=tmp_path / "caches")
     assert task.name == "waterbirds" and task.class_names == ["landbird", "waterbird"]
-    assert len(task.val.y) == len(task.test.y) == 8 and task.examples is None
+    assert len(task.val.y) == len(task.test.y) == 8 and len(task.examples) == 8
+    assert (
+        task.examples[0].dtype == np.uint8 and task.examples[0].ndim == 3 and task.text_pool == "descriptions"
+    )
     assert task.test.group.tolist() == [2 * y + p for _, y, s, p in rows if s == 2]
     assert task.concept.shape == (len(spurious.WATERBIRDS_PLACES), 64)
     result = task.compare(max_heads=2, random_trials=1, n_boot=5)
@@ -124,7 +128,12 @@ def test_text_span_agreement_on_toy_and_none_for_real_images(toy_bundle, fitted,
     assert (twin["background"] > 0.5).all() and (twin.drop(columns="background") < 0.3).all().all()
     root = make_folder(tmp_path / "val", {f"n{i:08d}": ["a.png"] for i in range(1000)})
     real = evaluation_set(toy_bundle, root, 4, seed=0)
-    assert groundtruth.text_span_agreement(toy_bundle, real, parts_fit, spans, pool) is None
+    facts = agreement.facts()
+    assert facts["gt_agree"] == f"{agreement.agree} of the {agreement.with_role} heads"
+    assert float(facts["gt_twin_background"]) == pytest.approx(twin["background"].min(), abs=0.005)
+    none = groundtruth.text_span_agreement(toy_bundle, real, parts_fit, spans, pool)
+    assert none.scores is None and none.agree == none.with_role == 0
+    assert set(none.facts().values()) == {groundtruth.NO_TRUTH} and len(none.facts()) == len(facts)
 
 
 def test_head_cards_rank_heads_by_explained_variance_and_ablate_each(toy_bundle):

@@ -312,7 +312,9 @@ class SpuriousTask:
         val, test: the two balanced splits.
         n_layers: layers of the model; ``search_layers`` those whose heads are ranked.
         authors_heads: the authors' published head list for this architecture (real mode), else ``None``.
-        examples: a few uint8 test images (toy world) to show, else ``None``.
+        examples: the first (up to 8) test images, uint8 [H, W, 3] each, to show.
+        text_pool: the text pool that describes its heads (``clipdecomp.load_pool``): ``"toy"`` for the
+            toy world, ``"descriptions"`` for real photos.
     """
 
     name: str
@@ -325,7 +327,8 @@ class SpuriousTask:
     n_layers: int
     search_layers: list[int]
     authors_heads: list[tuple[int, int]] | None = None
-    examples: np.ndarray | None = field(default=None, repr=False)
+    examples: Sequence[np.ndarray] = field(default=(), repr=False)
+    text_pool: str = "toy"
 
     def predictions(self, split: SpuriousSplit, ablate: Sequence[str] = ()) -> torch.Tensor:
         """[n] predicted classes with the named components mean-ablated (means over that split)."""
@@ -417,7 +420,7 @@ def spurious_task(
     resumable caches under ``cache_dir`` with head detail in the last ``last_k`` layers.
     """
     from .cache import DecompositionCache
-    from .datasets import ToyDataset, WaterbirdsDataset
+    from .datasets import ToyDataset, WaterbirdsDataset, load_rgb
     from .evaluation import cache_folder
     from .toy import world
 
@@ -474,5 +477,13 @@ def spurious_task(
         n_layers,
         search_layers,
         None if toy else AUTHORS_HEADS.get(bundle.spec.split("/")[0]),
-        data["test"].samples.images[:8] if toy else None,
+        data["test"].samples.images[:8]
+        if toy
+        else [np.asarray(load_rgb(path)) for path in _first(data["test"])],
+        "toy" if toy else "descriptions",
     )
+
+
+def _first(images, n: int = 8) -> list[Path]:
+    """Paths of a file dataset's first ``n`` images."""
+    return [images.root / rel for rel in images.relpaths[:n]]

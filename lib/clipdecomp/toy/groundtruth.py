@@ -41,6 +41,7 @@ from .world import ATTRIBUTES
 
 __all__ = [
     "ROLE_ATTRIBUTES",
+    "NO_TRUTH",
     "HeadScores",
     "RoleAgreement",
     "variance_explained",
@@ -173,29 +174,45 @@ def named_attribute(texts: Sequence[str]) -> str | None:
     return Counter(named).most_common(1)[0][0] if named else None
 
 
+NO_TRUTH = "n/a (no ground truth for real data)"
+
+
 @dataclass
 class RoleAgreement:
     """TEXT SPAN's description of each head next to its ground-truth role (:func:`text_span_agreement`).
 
     Attributes:
-        scores: the trained model's head scores; ``twin``: the same for its random-init twin.
+        scores: the trained model's head scores; ``twin``: the same for its random-init twin (both
+            ``None`` for images without ground truth).
         table: one row per head: its role (or "—"), its top score, the attribute its first texts name,
-            the texts, and ✓/✗ where the head has a role.
+            the texts, and ✓/✗ where the head has a role; without ground truth, one row saying so.
     """
 
-    scores: HeadScores
-    twin: HeadScores
+    scores: HeadScores | None
+    twin: HeadScores | None
     table: "pd.DataFrame"  # noqa: F821
 
     @property
     def with_role(self) -> int:
         """How many heads have a clear role."""
-        return int((self.table["role"] != "—").sum())
+        return int((self.table["role"] != "—").sum()) if self.scores is not None else 0
 
     @property
     def agree(self) -> int:
         """How many of those heads TEXT SPAN names correctly."""
-        return int((self.table["agree"] == "✓").sum())
+        return int((self.table["agree"] == "✓").sum()) if self.scores is not None else 0
+
+    def facts(self) -> dict[str, str]:
+        """Chapter 3's prose values: ``gt_agree`` (heads named right), ``gt_twin_background`` (the twin's
+        lowest background score) and ``gt_twin_other`` (its highest other score); "n/a" without truth."""
+        if self.scores is None:
+            return dict.fromkeys(("gt_agree", "gt_twin_background", "gt_twin_other"), NO_TRUTH)
+        twin = self.twin.table()
+        return {
+            "gt_agree": f"{self.agree} of the {self.with_role} heads",
+            "gt_twin_background": f"{twin['background'].min():.2f}",
+            "gt_twin_other": f"{twin.drop(columns='background').max().max():.2f}",
+        }
 
 
 def text_span_agreement(
@@ -207,7 +224,7 @@ def text_span_agreement(
     first: int = 3,
     min_score: float = 0.4,
     margin: float = 2.0,
-) -> RoleAgreement | None:
+) -> RoleAgreement:
     """Compare each head's TEXT SPAN texts with its ground-truth role, on toy-world images.
 
     Args:
@@ -217,7 +234,7 @@ def text_span_agreement(
             ``pool``: the texts the spans index.
         first: how many of each head's first texts vote on the attribute they name.
 
-    Returns ``None`` for images without ground truth (anything but the toy world).
+    Images without ground truth (anything but the toy world) give an agreement that says so.
     """
     import pandas as pd
 
@@ -225,7 +242,7 @@ def text_span_agreement(
 
     samples = getattr(images.dataset, "samples", None)
     if samples is None:
-        return None
+        return RoleAgreement(None, None, pd.DataFrame({"ground truth": [NO_TRUTH]}, index=["—"]))
     attributes = {name: values[images.indices] for name, values in samples.attributes.items()}
     scores = head_scores(parts.head_terms(), attributes, parts.head_layers)
     pixels = torch.stack([images.dataset.image(int(i)) for i in images.indices])
