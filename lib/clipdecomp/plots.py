@@ -440,3 +440,53 @@ def head_norms(parts: "Decomposition") -> plt.Figure:  # noqa: F821
     ax.set_title("norm of each head's direct contribution")
     fig.colorbar(image, ax=ax)
     return fig
+
+
+def rank1_and_sparsity(rank1: dict[str, torch.Tensor], concentration: dict[str, torch.Tensor]) -> plt.Figure:
+    """Chapter 10: histograms over neurons of the rank-1 share and of the top-2% share, per model."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
+    bins = np.linspace(0, 1, 41)
+    for name in rank1:
+        axes[0].hist(rank1[name].numpy(), bins=bins, alpha=0.6, label=name)
+        axes[1].hist(concentration[name].numpy(), bins=bins, alpha=0.6, label=name)
+    axes[0].set(xlabel="share of a neuron's centred effect along r_n", ylabel="neurons", title="rank 1?")
+    axes[1].axvline(0.02, color="black", lw=1, ls="--", label="evenly spread")
+    axes[1].set(xlabel="share held by the neuron's top 2% of images", ylabel="neurons", title="sparse?")
+    for ax in axes:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def layer_sweep(sweep: "pd.DataFrame", baseline: float) -> plt.Figure:  # noqa: F821
+    """Chapter 10: accuracy lost and embedding change when each MLP layer's effects are mean-ablated."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.2))
+    axes[0].bar(sweep.index, 100 * (baseline - sweep["accuracy, mean-ablated"]), color="tab:red")
+    axes[0].set(xlabel="MLP layer", ylabel="accuracy lost (points)", title="mean-ablating a layer's effects")
+    axes[1].bar(sweep.index, sweep["embedding change (1 - cos)"], color="tab:blue")
+    axes[1].set(xlabel="MLP layer", ylabel="1 - cos(edited, original)", title="how far the embedding moves")
+    fig.tight_layout()
+    return fig
+
+
+def discovered_concepts(
+    images, found: torch.Tensor, pool: Sequence[str], preprocess: Callable, n: int = 4
+) -> plt.Figure:
+    """Chapter 10: the first ``n`` images of an evaluation set with the texts their neurons found;
+    toy images are titled with their attributes, others with their file names."""
+    samples = getattr(images.dataset, "samples", None)
+    fig, axes = plt.subplots(1, n, figsize=(11, 3.6), squeeze=False)
+    for position, ax in enumerate(axes[0]):
+        index = int(images.indices[position])
+        if samples is not None:
+            ax.imshow(samples.images[index])
+            d = samples.describe(index)
+            title = f"{d['colour']} {d['shape']}, {d['size']}\n{d['position']}, on {d['background']}"
+        else:
+            ax.imshow(pictures(preprocess, images.dataset.image(index))[0])
+            title = str(images.dataset.ids[index])[-40:]
+        ax.set_title(title, fontsize=8)
+        ax.set_xlabel("\n".join(pool[j] for j in found[position].tolist()), fontsize=7)
+        ax.set_xticks([]), ax.set_yticks([])
+    fig.tight_layout()
+    return fig
