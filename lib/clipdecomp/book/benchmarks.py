@@ -22,6 +22,8 @@ from ..paths import repo_root
 
 __all__ = ["BenchResults", "mark"]
 
+_MODES = {"patch_all": "every layer", "patch_last4": "last 4 layers"}  # memory.json's per-patch modes
+
 
 def mark(met: bool) -> str:
     """✓ or ✗."""
@@ -55,24 +57,36 @@ class BenchResults:
         """What a table or a fact says when ``<name>.json`` was never written."""
         return f"not measured (no {self.file(name)})"
 
+    def _timing(self) -> list[tuple[str, dict, dict[str, bool]]]:
+        """(run, timing row, {"head": met, "patch": met}) of the full and the quick decomposition runs."""
+        targets = self.results["decompose"]["targets"]
+        runs = {"full": self.results["decompose"], "quick": self.results.get("decompose_quick", {})}
+        return [
+            (run, t, {kind: t[f"{kind}_cpu_ratio"] <= targets[kind] for kind in ("head", "patch")})
+            for run, report in runs.items()
+            for t in report.get("timing", [])
+        ]
+
+    def _memory_met(self) -> list[bool]:
+        """Whether every target of each (model, layers) row of ``memory.json`` was met, in order."""
+        return [all(row[mode]["met"].values()) for row in self.results["memory"]["rows"] for mode in _MODES]
+
     def decomposition_time(self) -> Styler | str:
         """CPU time of the head-level and per-patch decompositions over ``encode_image``, against targets."""
         if "decompose" not in self.results:
             return self.missing("decompose")
         targets = self.results["decompose"]["targets"]
-        runs = {"full": self.results["decompose"], "quick": self.results.get("decompose_quick", {})}
         rows = [
             {
                 "run": run,
                 "model": t["model"],
                 "batch": t["batch"],
                 "head / plain": t["head_cpu_ratio"],
-                f"head ≤ {targets['head']}": mark(t["head_cpu_ratio"] <= targets["head"]),
+                f"head ≤ {targets['head']}": mark(met["head"]),
                 "patch / plain": t["patch_cpu_ratio"],
-                f"patch ≤ {targets['patch']}": mark(t["patch_cpu_ratio"] <= targets["patch"]),
+                f"patch ≤ {targets['patch']}": mark(met["patch"]),
             }
-            for run, report in runs.items()
-            for t in report.get("timing", [])
+            for run, t, met in self._timing()
         ]
         table = pd.DataFrame(rows).set_index(["run", "model", "batch"])
         return table.style.format("{:.2f}", subset=["head / plain", "patch / plain"]).set_caption(
@@ -101,19 +115,18 @@ class BenchResults:
         """Per-patch decomposition: added peak memory over the result's size, and time, against targets."""
         if "memory" not in self.results:
             return self.missing("memory")
-        modes = {"patch_all": "every layer", "patch_last4": "last 4 layers"}
+        cases = [(row, mode) for row in self.results["memory"]["rows"] for mode in _MODES]
         rows = [
             {
                 "model": row["model"],
-                "layers": name,
+                "layers": _MODES[mode],
                 "memory / result": row[mode]["live_ratio"],
                 "memory target": row[mode]["memory_target"],
                 "time / plain": row[mode]["time_ratio"],
                 "time target": row[mode]["time_target"],
-                "met": mark(all(row[mode]["met"].values())),
+                "met": mark(met),
             }
-            for row in self.results["memory"]["rows"]
-            for mode, name in modes.items()
+            for (row, mode), met in zip(cases, self._memory_met())
         ]
         ratios = ["memory / result", "memory target", "time / plain", "time target"]
         table = pd.DataFrame(rows).set_index(["model", "layers"])
@@ -175,20 +188,12 @@ class BenchResults:
         facts = dict.fromkeys(("head_met", "patch_met", "head_worst"), self.missing("decompose"))
         facts |= dict.fromkeys(("span_speedup", "span_same"), self.missing("text_span"))
         if "decompose" in self.results:
-            targets = self.results["decompose"]["targets"]
-            timing = [
-                t for r in ("decompose", "decompose_quick") for t in self.results.get(r, {}).get("timing", [])
-            ]
+            timing = self._timing()
             for kind in ("head", "patch"):
-                met = sum(t[f"{kind}_cpu_ratio"] <= targets[kind] for t in timing)
-                facts[f"{kind}_met"] = f"{met} of {len(timing)}"
-            facts["head_worst"] = f"{max(t['head_cpu_ratio'] for t in timing):.2f}"
+                facts[f"{kind}_met"] = f"{sum(met[kind] for *_, met in timing)} of {len(timing)}"
+            facts["head_worst"] = f"{max(t['head_cpu_ratio'] for _, t, _ in timing):.2f}"
         if "memory" in self.results:
-            checks = [
-                all(row[m]["met"].values())
-                for row in self.results["memory"]["rows"]
-                for m in ("patch_all", "patch_last4")
-            ]
+            checks = self._memory_met()
             facts["memory_met"] = f"{sum(checks)} of {len(checks)}"
         else:
             facts["memory_met"] = self.missing("memory")
