@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from ..loading import ClipBundle, load, toy_model_dir
+from ..loading import ClipBundle, load, toy_card, toy_model_dir
 
 __all__ = ["measure_targets", "main"]
 
@@ -232,7 +232,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     card_path = args.model / "card.json"
-    card = json.loads(card_path.read_text())
+    card = toy_card(args.model)
     card["targets"] = measure_targets(load(str(args.model) if args.model != toy_model_dir() else "toy"), card)
     card_path.write_text(json.dumps(card, indent=2, ensure_ascii=False) + "\n")
     for row in card["targets"]:
