@@ -23,7 +23,7 @@ from .evaluation import EvaluationSet
 from .loading import ClipBundle, load
 from .sparse_texts import SparseCodes
 from .toy import world
-from .toy.groundtruth import ROLE_ATTRIBUTES, named_attribute, random_twin, variance_explained
+from .toy.groundtruth import ROLE_ATTRIBUTES, named_attribute, random_twin, toy_samples, variance_explained
 
 __all__ = [
     "NO_TRUTH",
@@ -85,10 +85,6 @@ def layer_sweep(
             "embedding change (1 - cos)": (1 - F.cosine_similarity(edited, original)).mean().item(),
         }
     return pd.DataFrame(rows).T.rename_axis("MLP layer"), held.mean_accuracy(original)
-
-
-def _has_truth(images: EvaluationSet) -> bool:
-    return set(ROLE_ATTRIBUTES) <= set(images.labels())
 
 
 @dataclass
@@ -161,7 +157,7 @@ def neuron_truth(
     pool_embeddings: torch.Tensor,
 ) -> NeuronTruth:
     """Score a layer's neurons (``evaluation`` on ``images``) and their top texts against the ground truth."""
-    if not _has_truth(images):
+    if toy_samples(images) is None:
         return NeuronTruth(None)
     truth = images.labels()
 
@@ -229,7 +225,7 @@ def adversarial_words(
     """
     import pandas as pd
 
-    if not _has_truth(images):
+    if toy_samples(images) is None:
         return AdversarialWords(None)
     values = world.ATTRIBUTES
     vocabulary = [(a, i) for a in ("colour", "background", "size", "position") for i in range(len(values[a]))]
@@ -303,8 +299,8 @@ def discover_concepts(
         result = so.second_order(bundle, batch.to(bundle.device), layer)
         found.append(so.discover_concepts(result, stats, codes, k=k)[0].cpu())
     found = torch.cat(found)
-    samples = getattr(images.dataset, "samples", None)
-    if samples is None or not _has_truth(images):
+    samples = toy_samples(images)
+    if samples is None:
         return DiscoveredConcepts(found)
     described = [samples.describe(int(i)) for i in images.indices]
 

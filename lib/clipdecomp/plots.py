@@ -474,7 +474,9 @@ def discovered_concepts(
 ) -> plt.Figure:
     """Chapter 10: the first ``n`` images of an evaluation set with the texts their neurons found;
     toy images are titled with their attributes, others with their file names."""
-    samples = getattr(images.dataset, "samples", None)
+    from .toy.groundtruth import toy_samples
+
+    samples = toy_samples(images)
     fig, axes = plt.subplots(1, n, figsize=(11, 3.6), squeeze=False)
     for position, ax in enumerate(axes[0]):
         index = int(images.indices[position])

@@ -47,6 +47,7 @@ __all__ = [
     "variance_explained",
     "head_scores",
     "random_twin",
+    "toy_samples",
     "named_attribute",
     "text_span_agreement",
 ]
@@ -177,6 +178,12 @@ def named_attribute(texts: Sequence[str]) -> str | None:
 NO_TRUTH = "n/a (no ground truth for real data)"
 
 
+def toy_samples(images) -> "ToySamples | None":  # noqa: F821
+    """The toy-world samples behind an evaluation set (their attributes are the ground truth), else
+    ``None``: real images have no ground truth."""
+    return getattr(images.dataset, "samples", None)
+
+
 @dataclass
 class RoleAgreement:
     """TEXT SPAN's description of each head next to its ground-truth role (:func:`text_span_agreement`).
@@ -240,7 +247,7 @@ def text_span_agreement(
 
     from ..decomposition import decompose_batches
 
-    samples = getattr(images.dataset, "samples", None)
+    samples = toy_samples(images)
     if samples is None:
         return RoleAgreement(None, None, pd.DataFrame({"ground truth": [NO_TRUTH]}, index=["—"]))
     attributes = {name: values[images.indices] for name, values in samples.attributes.items()}
