@@ -61,6 +61,12 @@ def tiny_timm_siglip() -> torch.nn.Module:
     return jitter(trunk)
 
 
+def tiny_hf_siglip(**overrides) -> torch.nn.Module:
+    """A one-layer transformers SiglipVisionModel (width 32, 2 heads, 32 px) with config overrides."""
+    config = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    return SiglipVisionModel(SiglipVisionConfig(**config, image_size=32, patch_size=8, **overrides))
+
+
 @pytest.fixture(scope="module")
 def images() -> torch.Tensor:
     return torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(7))
@@ -385,17 +391,7 @@ def test_segmentation_methods_agree_across_backends(clip_pair, siglip_pair, imag
             "Pooling 'avg'",
         ),
         (
-            lambda: SiglipVisionModel(
-                SiglipVisionConfig(
-                    hidden_size=32,
-                    num_hidden_layers=1,
-                    num_attention_heads=2,
-                    intermediate_size=64,
-                    image_size=32,
-                    patch_size=8,
-                    vision_use_head=False,
-                )
-            ),
+            lambda: tiny_hf_siglip(vision_use_head=False),
             "without its attention-pool head",
         ),
     ],
@@ -559,18 +555,7 @@ def test_twins_refuse_what_transformers_cannot_hold():
     with pytest.raises(NotImplementedError, match="no layer scale"):
         hugging_face_twin(tiny_clip(ls_init_value=0.5))
     with pytest.raises(NotImplementedError, match="already are transformers models"):
-        hugging_face_twin(
-            SiglipVisionModel(
-                SiglipVisionConfig(
-                    hidden_size=32,
-                    num_hidden_layers=1,
-                    num_attention_heads=2,
-                    intermediate_size=64,
-                    image_size=32,
-                    patch_size=8,
-                )
-            )
-        )
+        hugging_face_twin(tiny_hf_siglip())
 
 
 @torch.no_grad()
